@@ -1,0 +1,2 @@
+"""XFP: quality-targeted LLM weight quantization."""
+__version__ = "0.1.0"

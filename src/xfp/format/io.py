@@ -1,0 +1,175 @@
+"""Reading and writing XFP safetensors files, with every check docs/FORMAT.md demands.
+
+A loaded file is either fully valid or refused with a one-line `FormatError` naming the file, the tensor
+and the broken constraint. Writes are atomic: a temporary file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file as _st_save
+
+from xfp.config import FORMAT_VERSION, SUPPORTED_BITS
+from xfp.errors import FormatError
+from xfp.format.pack import padding_is_zero
+from xfp.format.reference import PackedV2
+from xfp.format.spec import (
+    FILE_METADATA_MATRICES_KEY,
+    FILE_METADATA_VERSION_KEY,
+    META_FIELDS,
+    MODE_V2,
+    PARTS,
+    V2Layout,
+    tensor_name,
+)
+
+
+@dataclass
+class XFPFile:
+    """The content of one XFP safetensors file: quantized matrices by their original weight name, and the
+    tensors kept as they were."""
+
+    matrices: dict[str, PackedV2] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) then rename tmp_path to path; the temporary file is removed on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def flatten(content: XFPFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """XFPFile -> (safetensors tensor dict, header metadata)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, packed in content.matrices.items():
+        for part, t in packed.tensors().items():
+            tensors[tensor_name(name, part)] = t.contiguous()
+    for name, t in content.dense.items():
+        if name in tensors:
+            raise ValueError(f"tensor name '{name}' is used twice")
+        tensors[name] = t.contiguous()
+    metadata = dict(content.metadata)
+    metadata[FILE_METADATA_VERSION_KEY] = str(FORMAT_VERSION)
+    metadata[FILE_METADATA_MATRICES_KEY] = json.dumps(sorted(content.matrices))
+    return tensors, metadata
+
+
+def save(path: Path, content: XFPFile) -> None:
+    """Write one XFP safetensors file atomically."""
+    tensors, metadata = flatten(content)
+    atomic_write(Path(path), lambda tmp: _st_save(tensors, str(tmp), metadata=metadata))
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise FormatError(path, None, "file does not exist") from None
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(path, None, f"not a readable safetensors file ({first})") from None
+
+
+def _read_matrix_names(path: Path, metadata: dict[str, str]) -> list[str]:
+    version = metadata.get(FILE_METADATA_VERSION_KEY)
+    if version is None:
+        raise FormatError(path, None, f"metadata key '{FILE_METADATA_VERSION_KEY}' is missing (not an XFP file)")
+    if version != str(FORMAT_VERSION):
+        raise FormatError(path, None, f"format version {version!r} is not supported (this XFP reads {FORMAT_VERSION})")
+    try:
+        names = json.loads(metadata.get(FILE_METADATA_MATRICES_KEY, ""))
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FormatError(path, None, f"metadata key '{FILE_METADATA_MATRICES_KEY}' must be a JSON list of names")
+    return names
+
+
+def _check(ok: bool, path: Path, tensor: str, constraint: str) -> None:
+    if not ok:
+        raise FormatError(path, tensor, constraint)
+
+
+def validate_matrix(path: Path, name: str, parts: dict[str, torch.Tensor]) -> PackedV2:
+    """Check one matrix's stored tensors against docs/FORMAT.md -> PackedV2, or raise FormatError."""
+    for part in PARTS:
+        _check(part in parts, path, tensor_name(name, part), "is missing")
+    meta_name = tensor_name(name, "meta")
+    meta = parts["meta"]
+    _check(meta.dtype == torch.int32 and tuple(meta.shape) == (len(META_FIELDS),), path, meta_name,
+           f"must be int32 [{len(META_FIELDS)}], got {meta.dtype} {list(meta.shape)}")
+    mode, rows, cols, bits = (int(x) for x in meta.tolist())
+    _check(mode == MODE_V2, path, meta_name, f"mode must be {MODE_V2} (V2), got {mode}")
+    _check(rows >= 1 and cols >= 1, path, meta_name, f"rows and cols must be >= 1, got {rows}x{cols}")
+    _check(bits in SUPPORTED_BITS, path, meta_name, f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    pos = parts["outlier_pos"]
+    pos_name = tensor_name(name, "outlier_pos")
+    _check(pos.dim() == 1, path, pos_name, f"must be 1-D, got shape {list(pos.shape)}")
+    _check(pos.numel() <= rows * cols, path, pos_name, f"has {pos.numel()} entries for {rows * cols} weights")
+    layout = V2Layout(rows, cols, bits, pos.numel())
+    for part, (dtype, shape) in layout.tensors().items():
+        t = parts[part]
+        _check(t.dtype == dtype and tuple(t.shape) == shape, path, tensor_name(name, part),
+               f"must be {str(dtype).removeprefix('torch.')} {list(shape)}, got "
+               f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
+    _check(padding_is_zero(parts["codes"], bits, cols), path, tensor_name(name, "codes"),
+           "padding bits at the end of a row must be zero")
+    _check(bool(torch.isfinite(parts["codebook"]).all()), path, tensor_name(name, "codebook"),
+           "entries must be finite (no NaN/Inf)")
+    if pos.numel():
+        _check(int(pos.min()) >= 0 and int(pos.max()) < rows * cols, path, pos_name,
+               f"positions must lie in [0, {rows * cols})")
+        _check(bool((pos[1:] > pos[:-1]).all()), path, pos_name, "positions must be strictly increasing (unique)")
+    _check(bool(torch.isfinite(parts["outlier_val"]).all()), path, tensor_name(name, "outlier_val"),
+           "values must be finite (no NaN/Inf)")
+    return PackedV2(rows, cols, bits, parts["codes"], parts["codebook"], pos, parts["outlier_val"])
+
+
+def load(path: Path) -> XFPFile:
+    """Read and fully validate one XFP safetensors file."""
+    path = Path(path)
+    with _open(path) as f:
+        metadata = dict(f.metadata() or {})
+        names = _read_matrix_names(path, metadata)
+        keys = set(f.keys())
+        owned: set[str] = set()
+        out = XFPFile(metadata=metadata)
+        for name in names:
+            parts = {}
+            for part in PARTS:
+                key = tensor_name(name, part)
+                if key in keys:
+                    parts[part] = _get(f, path, key)
+                    owned.add(key)
+            out.matrices[name] = validate_matrix(path, name, parts)
+        for key in sorted(keys - owned):
+            _check(".xfp_" not in key, path, key, "looks like part of a quantized matrix not listed in the metadata")
+            t = _get(f, path, key)
+            if t.is_floating_point():
+                _check(bool(torch.isfinite(t).all()), path, key, "values must be finite (no NaN/Inf)")
+            out.dense[key] = t
+    return out
+
+
+def _get(f, path: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(path, key, f"cannot be read ({first})") from None

@@ -1,0 +1,169 @@
+"""Auto-select: the cheapest stored configuration of one matrix whose cosine statistic meets its floor.
+
+Candidates (index width x outlier budget) are ordered by their exact honest size, which is known before
+any fitting (the layout table depends only on the shape, the width and the outlier count). Each one is
+screened cheaply from prefix sums over the sorted rows; the first that passes is confirmed on the real
+reconstruction. A matrix that misses its floor even at the widest escalation width is returned marked
+`meets_floor=False`, never silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from xfp.config import QuantConfig
+from xfp.errors import XFPError
+from xfp.format.pack import pack
+from xfp.format.reference import PackedV2, reconstruct
+from xfp.format.spec import V2Layout
+from xfp.quantize import lloyd, outliers
+from xfp.quantize.stats import all_statistics, cosine_from_sums, row_cosines, statistic
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class MatrixResult:
+    """One quantized matrix with the evidence for its choice.
+
+    stats: every cosine statistic of the stored reconstruction; tried: each candidate screened, cheapest
+    first (bits, outliers, bytes, screened statistic); reconstruction: [rows, cols] float16, the in-memory
+    W_hat the statistics were computed on (decoding the stored tensors must give it bit for bit).
+    """
+
+    name: str
+    packed: PackedV2
+    reconstruction: torch.Tensor
+    floor: float
+    statistic: str
+    stats: dict[str, float]
+    meets_floor: bool
+    tried: list[dict] = field(default_factory=list)
+
+    @property
+    def layout(self) -> V2Layout:
+        return self.packed.layout
+
+    def summary(self) -> dict:
+        """A JSON-ready row for reports."""
+        lay = self.layout
+        return {
+            "name": self.name,
+            "shape": [lay.rows, lay.cols],
+            "mode": "v2",
+            "bits": lay.bits,
+            "outliers": lay.n_outliers,
+            "bytes": lay.total_bytes,
+            "bytes_by_part": lay.nbytes(),
+            "honest_bits": lay.honest_bits,
+            "index_bits": lay.index_bits,
+            "floor": self.floor,
+            "statistic": self.statistic,
+            "cosine": self.stats,
+            "meets_floor": self.meets_floor,
+            "tried": self.tried,
+        }
+
+
+def check_weight(w: torch.Tensor, name: str) -> None:
+    """Refuse what cannot be quantized, with a message naming the tensor."""
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise XFPError(f"tensor '{name}': weights must be a floating-point tensor, got {getattr(w, 'dtype', type(w))}")
+    if w.dim() != 2:
+        raise XFPError(f"tensor '{name}': weights must be 2-D [out, in], got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise XFPError(f"tensor '{name}': weights are empty, shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise XFPError(f"tensor '{name}': weights contain NaN or Inf")
+    if float(w.abs().max()) > FP16_MAX:
+        raise XFPError(f"tensor '{name}': a weight exceeds the fp16 range (|w| > {FP16_MAX:g})")
+
+
+@dataclass(frozen=True)
+class _OutlierSet:
+    pos: torch.Tensor  # [n] int64 flat, ascending
+    prefix: lloyd.Prefix  # prefix sums with outliers at mass 0
+    dot: torch.Tensor  # [rows] float64: sum over the row's outliers of w * fp16(w)
+    norm2: torch.Tensor  # [rows] float64: sum over the row's outliers of fp16(w)^2
+
+
+def _outlier_sets(w: torch.Tensor, rows: lloyd.SortedRows, config: QuantConfig) -> list[_OutlierSet]:
+    n_rows, n_cols = w.shape
+    flat = w.reshape(-1)
+    sets: dict[int, _OutlierSet] = {}
+    for budget in sorted(set(config.outliers.budgets)):
+        pos = outliers.select(w, config.outliers, budget)
+        if pos.numel() in sets:  # caps keep the largest first, so equal counts mean equal sets
+            continue
+        is_out = torch.zeros(flat.numel(), dtype=torch.bool)
+        is_out[pos] = True
+        mass = (~is_out).reshape(n_rows, n_cols).gather(1, rows.order).to(torch.float64)
+        val = flat[pos].double()
+        val16 = flat[pos].half().double()
+        row = pos // n_cols
+        dot = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val * val16)
+        norm2 = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val16 * val16)
+        sets[pos.numel()] = _OutlierSet(pos, lloyd.prefix_sums(rows.values, mass), dot, norm2)
+    return list(sets.values())
+
+
+def _screen(edges: torch.Tensor, oset: _OutlierSet, codebook: torch.Tensor,
+            norm2_w: torch.Tensor) -> torch.Tensor:
+    """Row cosines of a candidate from segment sums, without building the reconstruction -> [rows]."""
+    c = codebook.double()
+    count = lloyd.segment_totals(oset.prefix.m, edges)
+    first = lloyd.segment_totals(oset.prefix.mv, edges)
+    dot = (c * first).sum(1) + oset.dot
+    norm2_hat = (c * c * count).sum(1) + oset.norm2
+    return cosine_from_sums(dot, norm2_w, norm2_hat)
+
+
+def quantize_matrix(w: torch.Tensor, floor: float, config: QuantConfig, name: str = "tensor") -> MatrixResult:
+    """w: [out, in] floating -> the cheapest V2 matrix whose `config.statistic` cosine meets `floor`.
+
+    The input is never modified.
+    """
+    check_weight(w, name)
+    w32 = w.detach().to(torch.float32, copy=True)
+    n_rows, n_cols = w32.shape
+    rows = lloyd.sort_rows(w32)
+    norm2_w = (w32.double() ** 2).sum(1)
+    sets = _outlier_sets(w32, rows, config)
+    tried: list[dict] = []
+    best = None  # the highest screened statistic, kept in case no candidate meets the floor
+    for widths in (config.bits, config.escalation_bits):
+        candidates = sorted(
+            ((V2Layout(n_rows, n_cols, b, s.pos.numel()), s) for b in widths for s in sets),
+            key=lambda c: (c[0].total_bytes, c[0].bits),
+        )
+        for layout, oset in candidates:
+            centroids = lloyd.fit(rows.values, oset.prefix, layout.entries, config.lloyd_iterations)
+            codebook = centroids.to(torch.float16)
+            edges = lloyd.segment_edges(rows.values, lloyd.boundaries(codebook))
+            screened = statistic(_screen(edges, oset, codebook, norm2_w), config.statistic)
+            tried.append({"bits": layout.bits, "outliers": layout.n_outliers,
+                          "bytes": layout.total_bytes, "screened": screened})
+            if screened >= floor:
+                result = _finish(name, w32, rows, edges, layout, oset, codebook, floor, config, tried)
+                if result.meets_floor:
+                    return result
+            if best is None or screened > best[0]:
+                best = (screened, edges, layout, oset, codebook)
+    _, edges, layout, oset, codebook = best
+    return _finish(name, w32, rows, edges, layout, oset, codebook, floor, config, tried)
+
+
+def _finish(name: str, w32: torch.Tensor, rows: lloyd.SortedRows, edges: torch.Tensor, layout: V2Layout,
+            oset: _OutlierSet, codebook: torch.Tensor, floor: float, config: QuantConfig,
+            tried: list[dict]) -> MatrixResult:
+    """Build the real reconstruction of a candidate and judge it exactly."""
+    indices = lloyd.assign(rows, edges)
+    pos32 = oset.pos.to(torch.int32)
+    val16 = w32.reshape(-1)[oset.pos].to(torch.float16)
+    w_hat = reconstruct(indices, codebook, pos32, val16)
+    stats = all_statistics(row_cosines(w32, w_hat))
+    packed = PackedV2(layout.rows, layout.cols, layout.bits, pack(indices, layout.bits), codebook, pos32, val16)
+    meets = stats[config.statistic] >= floor
+    return MatrixResult(name, packed, w_hat, floor, config.statistic, stats, meets, list(tried))

@@ -1,0 +1,120 @@
+"""Auto-select: floors hold, the cheapest passing candidate wins, misses are marked, bad input refused."""
+
+import pytest
+import torch
+
+from xfp.config import OutlierConfig, QuantConfig
+from xfp.errors import XFPError
+from xfp.format.reference import decode
+from xfp.quantize.autoselect import quantize_matrix
+from xfp.quantize.stats import all_statistics, row_cosines
+
+
+def heavy_tailed(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    spikes = torch.rand(rows, cols, generator=g) < 0.003
+    return torch.where(spikes, w * 10, w)
+
+
+@pytest.mark.parametrize("statistic", ["min", "p1", "p5", "median", "mean"])
+@pytest.mark.parametrize("floor", [0.95, 0.99, 0.995])
+def test_floor_holds_on_decoded_matrix(statistic, floor):
+    w = heavy_tailed(96, 200)
+    r = quantize_matrix(w, floor, QuantConfig(statistic=statistic), "m")
+    assert r.meets_floor
+    stats = all_statistics(row_cosines(w, decode(r.packed)))
+    assert stats[statistic] >= floor
+    assert stats == r.stats
+
+
+def test_decode_equals_in_memory_reconstruction_bit_for_bit():
+    w = heavy_tailed(64, 130, seed=3)
+    r = quantize_matrix(w, 0.99, QuantConfig(), "m")
+    torch.testing.assert_close(decode(r.packed), r.reconstruction, rtol=0, atol=0)
+
+
+def test_cheapest_passing_candidate_is_chosen():
+    w = heavy_tailed(64, 256, seed=4)
+    cfg = QuantConfig()
+    r = quantize_matrix(w, 0.99, cfg, "m")
+    chosen_bytes = r.layout.total_bytes
+    # every cheaper candidate that was screened failed the floor
+    assert all(t["screened"] < 0.99 for t in r.tried if t["bytes"] < chosen_bytes)
+    assert [t["bytes"] for t in r.tried] == sorted(t["bytes"] for t in r.tried)
+
+
+def test_lower_floor_never_costs_more():
+    w = heavy_tailed(64, 256, seed=5)
+    sizes = [quantize_matrix(w, f, QuantConfig(), "m").layout.total_bytes for f in (0.9, 0.97, 0.99, 0.998)]
+    assert sizes == sorted(sizes)
+
+
+def test_escalates_beyond_four_bits():
+    w = heavy_tailed(32, 256, seed=6)
+    r = quantize_matrix(w, 0.9995, QuantConfig(), "m")
+    assert r.layout.bits > 4 and r.meets_floor
+
+
+def test_unreachable_floor_is_marked_not_hidden():
+    w = heavy_tailed(32, 256, seed=7)
+    cfg = QuantConfig(floor_strict=1.0, bits=(2,), escalation_bits=(), outliers=OutlierConfig(budgets=(0.0,)))
+    r = quantize_matrix(w, 1.0, cfg, "m")
+    assert not r.meets_floor
+    assert r.stats["p1"] < 1.0
+
+
+def test_outliers_are_put_back_exactly():
+    w = heavy_tailed(32, 256, seed=8)
+    r = quantize_matrix(w, 0.99, QuantConfig(outliers=OutlierConfig(budgets=(0.02,))), "m")
+    assert r.layout.n_outliers > 0
+    pos = r.packed.outlier_pos.long()
+    assert torch.equal(decode(r.packed).view(-1)[pos], w.view(-1)[pos].half())
+    assert r.layout.n_outliers <= int(0.02 * w.numel())
+
+
+def test_zero_constant_and_tiny_matrices():
+    w = torch.zeros(4, 3)
+    w[1] = 0.25
+    w[2, :2] = torch.tensor([1.0, -1.0])
+    r = quantize_matrix(w, 0.999, QuantConfig(), "m")
+    assert r.meets_floor and r.stats["min"] == 1.0
+    assert torch.equal(decode(r.packed).float(), w)
+    assert quantize_matrix(torch.ones(1, 1), 0.99, QuantConfig(), "m").meets_floor
+
+
+def test_input_not_modified_and_deterministic():
+    w = heavy_tailed(48, 100, seed=9).to(torch.bfloat16)
+    before = w.clone()
+    a = quantize_matrix(w, 0.99, QuantConfig(), "m")
+    b = quantize_matrix(w, 0.99, QuantConfig(), "m")
+    assert torch.equal(w, before)
+    assert torch.equal(a.packed.codes, b.packed.codes) and torch.equal(a.packed.codebook, b.packed.codebook)
+
+
+@pytest.mark.parametrize(
+    "w, message",
+    [
+        (torch.tensor([[1.0, float("nan")]]), "NaN or Inf"),
+        (torch.tensor([[1.0, float("inf")]]), "NaN or Inf"),
+        (torch.ones(2, 2, dtype=torch.int32), "floating-point"),
+        (torch.ones(4), "2-D"),
+        (torch.ones(0, 4), "empty"),
+        (torch.tensor([[1e6, 1.0]]), "fp16 range"),
+    ],
+)
+def test_bad_weights_are_refused_with_the_tensor_name(w, message):
+    with pytest.raises(XFPError, match=message) as info:
+        quantize_matrix(w, 0.99, QuantConfig(), "layers.0.q_proj.weight")
+    assert "layers.0.q_proj.weight" in str(info.value)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="floor_lazy"):
+        QuantConfig(floor_strict=0.9, floor_lazy=0.95)
+    with pytest.raises(ValueError, match="statistic"):
+        QuantConfig(statistic="p50")
+    with pytest.raises(ValueError, match="unsupported bit widths"):
+        QuantConfig(bits=(7,))
+    cfg = QuantConfig(statistic="median", bits=(3, 4))
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
