@@ -30,12 +30,14 @@ class MatrixResult:
 
     stats: every cosine statistic of the stored reconstruction; tried: each candidate screened, cheapest
     first (bits, outliers, bytes, screened statistic); reconstruction: [rows, cols] float16, the in-memory
-    W_hat the statistics were computed on (decoding the stored tensors must give it bit for bit).
+    W_hat the statistics were computed on (decoding the stored tensors must give it bit for bit);
+    channel_cosines: [rows] float64, cosine of each original row with its reconstruction.
     """
 
     name: str
     packed: PackedV2
     reconstruction: torch.Tensor
+    channel_cosines: torch.Tensor
     floor: float
     statistic: str
     stats: dict[str, float]
@@ -163,7 +165,8 @@ def _finish(name: str, w32: torch.Tensor, rows: lloyd.SortedRows, edges: torch.T
     pos32 = oset.pos.to(torch.int32)
     val16 = w32.reshape(-1)[oset.pos].to(torch.float16)
     w_hat = reconstruct(indices, codebook, pos32, val16)
-    stats = all_statistics(row_cosines(w32, w_hat))
+    cosines = row_cosines(w32, w_hat)
+    stats = all_statistics(cosines)
     packed = PackedV2(layout.rows, layout.cols, layout.bits, pack(indices, layout.bits), codebook, pos32, val16)
     meets = stats[config.statistic] >= floor
-    return MatrixResult(name, packed, w_hat, floor, config.statistic, stats, meets, list(tried))
+    return MatrixResult(name, packed, w_hat, cosines, floor, config.statistic, stats, meets, list(tried))

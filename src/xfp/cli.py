@@ -1,0 +1,199 @@
+"""`xfp quantize | inspect | verify | generate`.
+
+A user mistake or a bad file ends with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from xfp.errors import XFPError
+
+EXIT_USER_ERROR = 2
+EXIT_FLOOR_MISSED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.rstrip("kKmMgGiIbB")
+    unit = text[len(number):].upper()
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 500MB or 2GiB, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xfp", description="Quality-targeted LLM weight quantization.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a HF folder or a GGUF file into an XFP folder")
+    q.add_argument("src", nargs="?", help="Hugging Face model folder or GGUF file")
+    q.add_argument("out", nargs="?", help="output folder (must be empty, or use --force / --resume)")
+    q.add_argument("--demo", action="store_true",
+                   help="fetch the embedded default model (SmolLM2-135M-Instruct) and run the whole job")
+    q.add_argument("--floor-strict", type=float, default=0.99, help="cosine floor: attention, dense MLP, shared experts")
+    q.add_argument("--floor-lazy", type=float, default=0.97, help="cosine floor: routed MoE experts")
+    q.add_argument("--statistic", default="p1", choices=["min", "p1", "p5", "median", "mean"],
+                   help="per-channel cosine statistic the floors judge (default p1)")
+    q.add_argument("--mode", default="v2", choices=["v2"])
+    q.add_argument("--bits", type=_ints, default=(2, 3, 4), help="candidate widths, e.g. 2,3,4")
+    q.add_argument("--escalation-bits", type=_ints, default=(5, 6, 8), help="widths tried when none meets the floor")
+    q.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head (strict)")
+    q.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    q.add_argument("--shard-size", type=_size, default=2 * 2**30, help="largest output shard (default 2GiB)")
+    q.add_argument("--resume", action="store_true", help="finish an interrupted run in OUT")
+    q.add_argument("--force", action="store_true", help="overwrite a previous XFP output in OUT")
+    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--windows", type=int, default=16, help="--demo: perplexity windows of 512 tokens")
+
+    i = sub.add_parser("inspect", help="summarise an XFP folder (validating every file)")
+    i.add_argument("out")
+
+    v = sub.add_parser("verify", help="recompute per-channel cosines from the source and the stored tensors")
+    v.add_argument("src")
+    v.add_argument("out")
+
+    g = sub.add_parser("generate", help="greedy generation with an XFP (or any transformers) folder")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except XFPError as exc:
+        print(f"xfp: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValueError as exc:  # configuration checks (floors, widths...) raise ValueError
+        print(f"xfp: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # a full disk, a read-only folder...
+        print(f"xfp: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("xfp: interrupted; run the same command with --resume to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _config(args):
+    from xfp.config import QuantConfig
+
+    return QuantConfig(floor_strict=args.floor_strict, floor_lazy=args.floor_lazy, statistic=args.statistic,
+                       mode=args.mode, bits=args.bits, escalation_bits=args.escalation_bits)
+
+
+def cmd_quantize(args) -> int:
+    from xfp.pipeline import quantize_model
+
+    if args.workers < 1:
+        raise XFPError(f"--workers must be >= 1, got {args.workers}")
+    config = _config(args)
+    if args.demo:
+        from xfp.demo import run_demo
+
+        return run_demo(Path(args.out or args.src or "out/smollm2-xfp"), config, windows=args.windows,
+                        progress=not args.no_progress)
+    if not args.src or not args.out:
+        raise XFPError("quantize needs SRC and OUT (or --demo)")
+    report = quantize_model(args.src, args.out, config, resume=args.resume, force=args.force, workers=args.workers,
+                            quantize_embeddings=args.quantize_embeddings, progress=not args.no_progress,
+                            shard_bytes=args.shard_size)
+    print_summary(report)
+    return EXIT_FLOOR_MISSED if report["totals"]["missed_floor"] else 0
+
+
+def print_summary(report: dict) -> None:
+    t = report["totals"]
+    mib = 2**20
+    print(f"source  {t['source_file_bytes'] / mib:9.1f} MiB on disk, {t['source_fp16_bytes'] / mib:.1f} MiB as fp16")
+    print(f"output  {t['output_bytes'] / mib:9.1f} MiB ({t['output_bytes'] / t['source_fp16_bytes']:.1%} of fp16, "
+          f"{t['bits_per_parameter']:.3f} bits/parameter)")
+    if t["quantized_weights"]:
+        print(f"matrices {t['quantized_matrices']}: {t['quantized_honest_bits']:.3f} honest bits/weight "
+              f"(index bits only {t['quantized_index_bits']:.3f})")
+    for cls, c in report["classes"].items():
+        print(f"  {cls:6s} floor {c['floor']}: {c['matrices']} matrices, {c['honest_bits']:.3f} bits, "
+              f"{c['missed_floor']} below floor")
+    print(f"time    {report['seconds']:.1f} s   report: {report['output']}/REPORT.md")
+    if t["missed_floor"]:
+        print(f"warning: {len(t['missed_floor'])} matrices are below their floor even at the widest width",
+              file=sys.stderr)
+
+
+def cmd_inspect(args) -> int:
+    from xfp.format.folder import iter_shards, read_config
+
+    config = read_config(Path(args.out))
+    qc = config["quantization_config"]
+    print(f"{args.out}: XFP format {qc['format_version']}, mode {qc['mode']}, statistic {qc['statistic']}, "
+          f"floors strict {qc['floor_strict']} / lazy {qc['floor_lazy']}")
+    weights = stored = 0
+    print(f"{'tensor':60s} {'shape':>12s} {'bits':>4s} {'outl':>6s} {'honest':>7s}")
+    for path, content in iter_shards(Path(args.out)):
+        for name, packed in content.matrices.items():
+            lay = packed.layout
+            weights += lay.weights
+            stored += lay.total_bytes
+            print(f"{name[-60:]:60s} {lay.rows:>5d}x{lay.cols:<6d} {lay.bits:>4d} {lay.n_outliers:>6d} "
+                  f"{lay.honest_bits:7.3f}")
+        kept = sum(t.numel() * t.element_size() for t in content.dense.values())
+        print(f"-- {path.name}: {len(content.matrices)} quantized, {len(content.dense)} kept ({kept / 2**20:.1f} MiB)")
+    if weights:
+        print(f"quantized: {weights:,} weights, {stored / 2**20:.2f} MiB, {8 * stored / weights:.3f} honest bits/weight")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from xfp.evaluate.verify import verify_matrix
+    from xfp.format.folder import iter_shards, read_config
+    from xfp.sources.base import open_source
+
+    config = read_config(Path(args.out))
+    qc = config["quantization_config"]
+    floors = {"strict": qc["floor_strict"], "lazy": qc["floor_lazy"]}
+    source = open_source(args.src)
+    known = set(source.tensor_names())
+    failed = checked = 0
+    print(f"{'tensor':60s} {'min':>8s} {'p1':>8s} {'p5':>8s} {'median':>8s} {'mean':>8s}  floor ({qc['statistic']})")
+    for _, content in iter_shards(Path(args.out)):
+        for name, packed in content.matrices.items():
+            if name not in known:
+                raise XFPError(f"{args.src}: has no tensor '{name}' that {args.out} quantized")
+            entry = qc["matrices"].get(name, {})
+            floor = floors[entry.get("class", "strict")]
+            verdict = verify_matrix(name, source.load(name), packed, floor, qc["statistic"])
+            s = verdict.stats
+            checked += 1
+            failed += not verdict.holds
+            print(f"{name[-60:]:60s} {s['min']:8.5f} {s['p1']:8.5f} {s['p5']:8.5f} {s['median']:8.5f} "
+                  f"{s['mean']:8.5f}  {floor} {'holds' if verdict.holds else 'MISSED'}")
+    print(f"{checked} matrices checked, {failed} below their floor")
+    return EXIT_FLOOR_MISSED if failed else 0
+
+
+def cmd_generate(args) -> int:
+    from xfp.evaluate.generation import load_model, greedy
+
+    model, tokenizer = load_model(Path(args.model))
+    print(greedy(model, tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "inspect": cmd_inspect, "verify": cmd_verify, "generate": cmd_generate}
+
+if __name__ == "__main__":
+    sys.exit(main())

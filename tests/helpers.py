@@ -1,0 +1,19 @@
+"""Test helpers importable from any test module (tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 64, intermediate: int = 128,
+                    seed: int = 0) -> Path:
+    """A random Llama saved as a HF folder (fp32 safetensors + config.json)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
