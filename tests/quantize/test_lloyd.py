@@ -29,8 +29,7 @@ def reference_lloyd(row: torch.Tensor, mass: torch.Tensor, k: int, iterations: i
 
 def fit_rows(w: torch.Tensor, mass: torch.Tensor, k: int, iterations: int = 16) -> torch.Tensor:
     rows = lloyd.sort_rows(w)
-    prefix = lloyd.prefix_sums(rows.values, mass.gather(1, rows.order))
-    return lloyd.fit(rows.values, prefix, k, iterations)
+    return lloyd.fit(rows, mass.gather(1, rows.order), k, iterations)
 
 
 def test_batched_fit_matches_per_row_reference():
@@ -43,30 +42,32 @@ def test_batched_fit_matches_per_row_reference():
         torch.testing.assert_close(got[r], want, rtol=1e-9, atol=1e-12)
 
 
-def test_lower_bound_equals_searchsorted():
+def test_screen_equals_sums_over_the_assignment():
     g = torch.Generator().manual_seed(1)
-    for rows, cols, q in [(5, 1, 3), (7, 576, 15), (3, 1000, 255), (4, 2, 1)]:
-        v = torch.sort(torch.randint(-5, 5, (rows, cols), generator=g).float(), 1).values
-        t = torch.randint(-6, 6, (rows, q), generator=g).float()
-        assert torch.equal(lloyd.lower_bound(v, t), torch.searchsorted(v, t))
+    w = torch.randn(5, 333, generator=g)
+    mass = (torch.rand(5, 333, generator=g) > 0.05).float()
+    c = fit_rows(w, mass, 16).to(torch.float16)
+    w_hat = torch.gather(c, 1, lloyd.assign(w, c).long()).double()
+    rows = lloyd.sort_rows(w)
+    dot, norm2 = lloyd.screen(rows, mass.gather(1, rows.order), c)
+    torch.testing.assert_close(dot, (mass * w * w_hat).sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm2, (mass * w_hat * w_hat).sum(1), rtol=1e-12, atol=1e-12)
 
 
 def test_constant_zero_and_short_rows_are_exact():
     w = torch.tensor([[0.5] * 5, [0.0] * 5, [1.0, -1.0, 2.0, 0.0, 0.0]])
     c = fit_rows(w, torch.ones_like(w), 16).to(torch.float16)
-    rows = lloyd.sort_rows(w)
-    edges = lloyd.segment_edges(rows.values, lloyd.boundaries(c))
-    idx = lloyd.assign(rows, edges)
-    w_hat = torch.gather(c, 1, idx.long()).float()
+    w_hat = torch.gather(c, 1, lloyd.assign(w, c).long()).float()
     assert torch.equal(w_hat, w)
 
 
-def test_assign_is_nearest_entry():
+def test_assign_is_nearest_entry_and_ties_go_up():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(4, 300, generator=g)
     c = fit_rows(w, torch.ones_like(w), 8).to(torch.float16)
-    rows = lloyd.sort_rows(w)
-    idx = lloyd.assign(rows, lloyd.segment_edges(rows.values, lloyd.boundaries(c)))
+    idx = lloyd.assign(w, c)
     dist = (w.unsqueeze(-1) - c.float().unsqueeze(1)).abs()
     chosen = dist.gather(2, idx.long().unsqueeze(-1)).squeeze(-1)
     assert torch.all(chosen <= dist.min(-1).values + 1e-7)
+    tie = torch.tensor([[0.5]])
+    assert lloyd.assign(tie, torch.tensor([[0.0, 1.0]], dtype=torch.float16)).item() == 1

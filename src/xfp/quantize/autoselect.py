@@ -86,7 +86,7 @@ def check_weight(w: torch.Tensor, name: str) -> None:
 @dataclass(frozen=True)
 class _OutlierSet:
     pos: torch.Tensor  # [n] int64 flat, ascending
-    prefix: lloyd.Prefix  # prefix sums with outliers at mass 0
+    mass: torch.Tensor  # [rows, cols] float32 in sorted order: 0 for outliers, 1 otherwise
     dot: torch.Tensor  # [rows] float64: sum over the row's outliers of w * fp16(w)
     norm2: torch.Tensor  # [rows] float64: sum over the row's outliers of fp16(w)^2
 
@@ -101,25 +101,14 @@ def _outlier_sets(w: torch.Tensor, rows: lloyd.SortedRows, config: QuantConfig) 
             continue
         is_out = torch.zeros(flat.numel(), dtype=torch.bool)
         is_out[pos] = True
-        mass = (~is_out).reshape(n_rows, n_cols).gather(1, rows.order).to(torch.float64)
+        mass = (~is_out).reshape(n_rows, n_cols).gather(1, rows.order).to(torch.float32)
         val = flat[pos].double()
         val16 = flat[pos].half().double()
         row = pos // n_cols
         dot = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val * val16)
         norm2 = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val16 * val16)
-        sets[pos.numel()] = _OutlierSet(pos, lloyd.prefix_sums(rows.values, mass), dot, norm2)
+        sets[pos.numel()] = _OutlierSet(pos, mass, dot, norm2)
     return list(sets.values())
-
-
-def _screen(edges: torch.Tensor, oset: _OutlierSet, codebook: torch.Tensor,
-            norm2_w: torch.Tensor) -> torch.Tensor:
-    """Row cosines of a candidate from segment sums, without building the reconstruction -> [rows]."""
-    c = codebook.double()
-    count = lloyd.segment_totals(oset.prefix.m, edges)
-    first = lloyd.segment_totals(oset.prefix.mv, edges)
-    dot = (c * first).sum(1) + oset.dot
-    norm2_hat = (c * c * count).sum(1) + oset.norm2
-    return cosine_from_sums(dot, norm2_w, norm2_hat)
 
 
 def quantize_matrix(w: torch.Tensor, floor: float, config: QuantConfig, name: str = "tensor") -> MatrixResult:
@@ -141,27 +130,26 @@ def quantize_matrix(w: torch.Tensor, floor: float, config: QuantConfig, name: st
             key=lambda c: (c[0].total_bytes, c[0].bits),
         )
         for layout, oset in candidates:
-            centroids = lloyd.fit(rows.values, oset.prefix, layout.entries, config.lloyd_iterations)
-            codebook = centroids.to(torch.float16)
-            edges = lloyd.segment_edges(rows.values, lloyd.boundaries(codebook))
-            screened = statistic(_screen(edges, oset, codebook, norm2_w), config.statistic)
+            codebook = lloyd.fit(rows, oset.mass, layout.entries, config.lloyd_iterations).to(torch.float16)
+            dot, norm2_hat = lloyd.screen(rows, oset.mass, codebook)
+            cos = cosine_from_sums(dot + oset.dot, norm2_w, norm2_hat + oset.norm2)
+            screened = statistic(cos, config.statistic)
             tried.append({"bits": layout.bits, "outliers": layout.n_outliers,
                           "bytes": layout.total_bytes, "screened": screened})
             if screened >= floor:
-                result = _finish(name, w32, rows, edges, layout, oset, codebook, floor, config, tried)
+                result = _finish(name, w32, layout, oset, codebook, floor, config, tried)
                 if result.meets_floor:
                     return result
             if best is None or screened > best[0]:
-                best = (screened, edges, layout, oset, codebook)
-    _, edges, layout, oset, codebook = best
-    return _finish(name, w32, rows, edges, layout, oset, codebook, floor, config, tried)
+                best = (screened, layout, oset, codebook)
+    _, layout, oset, codebook = best
+    return _finish(name, w32, layout, oset, codebook, floor, config, tried)
 
 
-def _finish(name: str, w32: torch.Tensor, rows: lloyd.SortedRows, edges: torch.Tensor, layout: V2Layout,
-            oset: _OutlierSet, codebook: torch.Tensor, floor: float, config: QuantConfig,
-            tried: list[dict]) -> MatrixResult:
+def _finish(name: str, w32: torch.Tensor, layout: V2Layout, oset: _OutlierSet, codebook: torch.Tensor,
+            floor: float, config: QuantConfig, tried: list[dict]) -> MatrixResult:
     """Build the real reconstruction of a candidate and judge it exactly."""
-    indices = lloyd.assign(rows, edges)
+    indices = lloyd.assign(w32, codebook)
     pos32 = oset.pos.to(torch.int32)
     val16 = w32.reshape(-1)[oset.pos].to(torch.float16)
     w_hat = reconstruct(indices, codebook, pos32, val16)

@@ -1,15 +1,21 @@
-"""Batched, weighted 1-D Lloyd (k-means) per row, on sorted values and prefix sums.
+"""Batched, weighted 1-D Lloyd (k-means) per row, on sorted values and prefix sums (numba).
 
-Every row is sorted once. Each Lloyd step then costs O(rows * k * log cols): the boundaries between
-neighbouring centroids split a sorted row into contiguous segments, and segment sums come from prefix
-sums. A per-element mass lets outliers (mass 0) and, later, importance weights shape the fit without
-re-sorting. No Python loop over rows; deterministic.
+Every row is sorted once (torch). Per row, prefix sums of the mass and of mass*value turn each Lloyd
+step into k binary searches and k subtractions: O(k log cols) instead of O(cols * k). A per-element mass
+lets outliers (mass 0), and later importance weights, shape the fit without re-sorting. Rows run in
+parallel (numba prange); each row is independent, so the result is deterministic.
+
+Decision rule shared by `fit`, `screen` and `assign`: thresholds are the midpoints of neighbouring
+entries, computed in float64 and rounded to float32; a value v belongs to entry j when
+t[j-1] <= v < t[j] (a value on a threshold goes to the upper entry).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
 
 
@@ -22,111 +28,142 @@ class SortedRows:
     order: torch.Tensor
 
 
-@dataclass(frozen=True)
-class Prefix:
-    """Prefix sums over a sorted row, float64, [rows, cols + 1], starting at 0: mass (m) and
-    first moment (m*v)."""
-
-    m: torch.Tensor
-    mv: torch.Tensor
-
-
 def sort_rows(w: torch.Tensor) -> SortedRows:
     """w: [rows, cols] float32 -> its rows sorted ascending (stable, so ties keep column order)."""
     values, order = torch.sort(w, dim=1, stable=True)
-    return SortedRows(values, order)
+    return SortedRows(values.contiguous(), order)
 
 
-def prefix_sums(values: torch.Tensor, mass: torch.Tensor) -> Prefix:
-    """values, mass: [rows, cols] (mass in sorted order too) -> Prefix."""
-    v = values.double()
-    m = mass.double()
-
-    def cum(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(torch.cumsum(x, dim=1), (1, 0))
-
-    return Prefix(cum(m), cum(m * v))
-
-
-def boundaries(centroids: torch.Tensor) -> torch.Tensor:
-    """centroids: [rows, k] ascending -> decision thresholds: [rows, k-1] float32 (midpoints)."""
-    c = centroids.double()
-    return ((c[:, 1:] + c[:, :-1]) * 0.5).float()
-
-
-def segment_edges(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Split each sorted row at its thresholds -> edges: [rows, k+1] int64.
-
-    Segment j is values[edges[j]:edges[j+1]]: the elements with t[j-1] <= v < t[j]. This is the same
-    rule `assign` uses, so segment statistics match the actual assignment.
-    """
-    rows, cols = values.shape
-    inner = lower_bound(values, thresholds)
-    zero = torch.zeros((rows, 1), dtype=torch.int64)
-    end = torch.full((rows, 1), cols, dtype=torch.int64)
-    return torch.cat([zero, inner, end], dim=1)
-
-
-def lower_bound(values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Per row, how many sorted values are < each query (torch.searchsorted, right=False).
-
-    values: [rows, cols] ascending, queries: [rows, q] -> [rows, q] int64. A vectorised binary search:
-    with few queries per row it is an order of magnitude faster than batched torch.searchsorted.
-    """
-    cols = values.shape[1]
-    lo = torch.zeros(queries.shape, dtype=torch.int64)
-    hi = torch.full(queries.shape, cols, dtype=torch.int64)
-    for _ in range(cols.bit_length()):
+@numba.njit(cache=True, inline="always")
+def _lower_bound(a, x, lo, hi):
+    """First index i in [lo, hi) with a[i] >= x (hi if none); a ascending."""
+    while lo < hi:
         mid = (lo + hi) >> 1
-        below = torch.gather(values, 1, mid.clamp(max=cols - 1)) < queries
-        active = lo < hi
-        lo = torch.where(active & below, mid + 1, lo)
-        hi = torch.where(active & ~below, mid, hi)
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
     return lo
 
 
-def segment_totals(prefix: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """prefix: [rows, cols+1], edges: [rows, k+1] -> per-segment totals: [rows, k]."""
-    at = torch.gather(prefix, 1, edges)
-    return at[:, 1:] - at[:, :-1]
+@numba.njit(cache=True, inline="always")
+def _prefix(v, m, cm, cmv):
+    cm[0] = 0.0
+    cmv[0] = 0.0
+    for i in range(v.size):
+        cm[i + 1] = cm[i] + m[i]
+        cmv[i + 1] = cmv[i] + m[i] * np.float64(v[i])
 
 
-def init_quantiles(values: torch.Tensor, prefix: Prefix, k: int) -> torch.Tensor:
-    """Centroids at the mass quantiles (j + 1/2) / k of each row -> [rows, k] float64."""
-    total = prefix.m[:, -1:]
-    targets = total * (torch.arange(k, dtype=torch.float64) + 0.5) / k
-    idx = lower_bound(prefix.m[:, 1:], targets)
-    idx = idx.clamp_(max=values.shape[1] - 1)
-    return torch.gather(values, 1, idx).double()
+@numba.njit(cache=True, inline="always")
+def _edges(v, c, edges):
+    k = c.size
+    edges[0] = 0
+    edges[k] = v.size
+    for j in range(k - 1):
+        t = np.float32((c[j] + c[j + 1]) * 0.5)
+        edges[j + 1] = _lower_bound(v, t, edges[j], v.size)
 
 
-def fit(values: torch.Tensor, prefix: Prefix, k: int, iterations: int) -> torch.Tensor:
-    """Weighted Lloyd on sorted rows -> centroids: [rows, k] float64, ascending.
+@numba.njit(cache=True, parallel=True)
+def _fit(values, mass, k, iterations, out):
+    rows, cols = values.shape
+    for r in numba.prange(rows):
+        v = values[r]
+        cm = np.empty(cols + 1)
+        cmv = np.empty(cols + 1)
+        _prefix(v, mass[r], cm, cmv)
+        c = np.empty(k)
+        for j in range(k):  # quantile initialisation on the cumulative mass
+            target = cm[cols] * (j + 0.5) / k
+            idx = _lower_bound(cm[1:], target, 0, cols)
+            c[j] = v[min(idx, cols - 1)]
+        edges = np.empty(k + 1, dtype=np.int64)
+        new = np.empty(k)
+        for _ in range(iterations):
+            _edges(v, c, edges)
+            for j in range(k):
+                m = cm[edges[j + 1]] - cm[edges[j]]
+                new[j] = (cmv[edges[j + 1]] - cmv[edges[j]]) / m if m > 0 else c[j]
+            new.sort()
+            same = True
+            for j in range(k):
+                if new[j] != c[j]:
+                    same = False
+                c[j] = new[j]
+            if same:
+                break
+        out[r] = c
 
-    An empty segment keeps its centroid. Stops early once no centroid moves.
+
+@numba.njit(cache=True, parallel=True)
+def _screen(values, mass, codebook, dot, norm2):
+    rows, cols = values.shape
+    k = codebook.shape[1]
+    for r in numba.prange(rows):
+        v = values[r]
+        cm = np.empty(cols + 1)
+        cmv = np.empty(cols + 1)
+        _prefix(v, mass[r], cm, cmv)
+        edges = np.empty(k + 1, dtype=np.int64)
+        c = codebook[r]
+        _edges(v, c, edges)
+        d = 0.0
+        n = 0.0
+        for j in range(k):
+            d += c[j] * (cmv[edges[j + 1]] - cmv[edges[j]])
+            n += c[j] * c[j] * (cm[edges[j + 1]] - cm[edges[j]])
+        dot[r] = d
+        norm2[r] = n
+
+
+@numba.njit(cache=True, parallel=True)
+def _assign(w, codebook, out):
+    rows, cols = w.shape
+    k = codebook.shape[1]
+    for r in numba.prange(rows):
+        t = np.empty(k - 1, dtype=np.float32)
+        for j in range(k - 1):
+            t[j] = np.float32((codebook[r, j] + codebook[r, j + 1]) * 0.5)
+        for i in range(cols):
+            # index = how many thresholds are <= w
+            lo, hi = 0, k - 1
+            x = w[r, i]
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if t[mid] <= x:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out[r, i] = lo
+
+
+def fit(rows: SortedRows, mass: torch.Tensor, k: int, iterations: int) -> torch.Tensor:
+    """Weighted Lloyd. mass: [rows, cols] in sorted order -> centroids: [rows, k] float64, ascending.
+
+    An empty cluster keeps its centroid; stops early once no centroid moves.
     """
-    c = init_quantiles(values, prefix, k)
-    for _ in range(iterations):
-        edges = segment_edges(values, boundaries(c))
-        mass = segment_totals(prefix.m, edges)
-        first = segment_totals(prefix.mv, edges)
-        new = torch.where(mass > 0, first / mass.clamp_min(1e-300), c)
-        new, _ = torch.sort(new, dim=1)
-        if torch.equal(new, c):
-            break
-        c = new
-    return c
+    out = np.empty((rows.values.shape[0], k))
+    _fit(rows.values.numpy(), _np32(mass), k, iterations, out)
+    return torch.from_numpy(out)
 
 
-def assign(rows: SortedRows, edges: torch.Tensor) -> torch.Tensor:
-    """Nearest codebook entry of every weight, from the segments of its sorted row.
+def screen(rows: SortedRows, mass: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, over the weights with mass: (sum m*w*c[idx], sum m*c[idx]^2) -> ([rows], [rows]) float64,
+    computed from segment sums without building the reconstruction. codebook: [rows, k] ascending."""
+    n = rows.values.shape[0]
+    dot, norm2 = np.empty(n), np.empty(n)
+    _screen(rows.values.numpy(), _np32(mass), codebook.double().numpy(), dot, norm2)
+    return torch.from_numpy(dot), torch.from_numpy(norm2)
 
-    edges: [rows, k+1] from `segment_edges` -> indices: [rows, cols] uint8 in the original column order.
-    A value exactly on a threshold goes to the upper entry (as in `segment_edges`).
-    """
-    n_rows, n_cols = rows.values.shape
-    marks = torch.zeros((n_rows, n_cols + 1), dtype=torch.int16)
-    inner = edges[:, 1:-1]
-    marks.scatter_add_(1, inner, torch.ones_like(inner, dtype=torch.int16))
-    sorted_ids = torch.cumsum(marks[:, :n_cols], dim=1, dtype=torch.int16).to(torch.uint8)
-    return torch.empty((n_rows, n_cols), dtype=torch.uint8).scatter_(1, rows.order, sorted_ids)
+
+def assign(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Nearest entry of an ascending codebook. w: [rows, cols] float32, codebook: [rows, k]
+    -> indices: [rows, cols] uint8 (same rule as `fit` and `screen`)."""
+    out = np.empty(tuple(w.shape), dtype=np.uint8)
+    _assign(w.contiguous().numpy(), codebook.double().numpy(), out)
+    return torch.from_numpy(out)
+
+
+def _np32(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float32).contiguous().numpy()
