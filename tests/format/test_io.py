@@ -10,7 +10,7 @@ from xfp.config import OutlierConfig, QuantConfig
 from xfp.errors import FormatError
 from xfp.format import io
 from xfp.format.reference import decode
-from xfp.format.spec import FILE_METADATA_MATRICES_KEY, FILE_METADATA_VERSION_KEY, tensor_name
+from xfp.format.spec import FILE_METADATA_KEY, tensor_name
 from xfp.quantize.autoselect import quantize_matrix
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -75,6 +75,12 @@ def _outlier_pos(fn):
     return _set("outlier_pos", lambda p: fn(p.clone()))
 
 
+def _meta(md, **changes):
+    info = json.loads(md[FILE_METADATA_KEY])
+    info.update(changes)
+    md[FILE_METADATA_KEY] = json.dumps(info)
+
+
 HOSTILE = [
     ("missing part", _drop("codebook"), None, t("codebook"), "is missing"),
     ("meta dtype", _set("meta", lambda m: m.to(torch.int64)), None, t("meta"), "int32"),
@@ -100,9 +106,11 @@ HOSTILE = [
      None, "model.layers.9.k_proj.xfp_codes", "not listed"),
     ("dense nan", lambda ts: ts.update({"model.norm.weight": torch.full((37,), float("nan"))}), None,
      "model.norm.weight", "finite"),
-    ("no version", None, lambda md: md.pop(FILE_METADATA_VERSION_KEY), None, "missing"),
-    ("future version", None, lambda md: md.update({FILE_METADATA_VERSION_KEY: "99"}), None, "version '99'"),
-    ("bad matrix list", None, lambda md: md.update({FILE_METADATA_MATRICES_KEY: "{"}), None, "JSON list"),
+    ("no metadata", None, lambda md: md.pop(FILE_METADATA_KEY), None, "missing"),
+    ("metadata not json", None, lambda md: md.update({FILE_METADATA_KEY: "{"}), None, "JSON object"),
+    ("future version", None, lambda md: _meta(md, format_version=99), None, "version 99"),
+    ("version as text", None, lambda md: _meta(md, format_version="1"), None, "version '1'"),
+    ("bad matrix list", None, lambda md: _meta(md, matrices="{"), None, "JSON list"),
 ]
 
 

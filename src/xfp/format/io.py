@@ -21,12 +21,12 @@ from xfp.errors import FormatError
 from xfp.format.pack import padding_is_zero
 from xfp.format.reference import PackedV2
 from xfp.format.spec import (
-    FILE_METADATA_MATRICES_KEY,
-    FILE_METADATA_VERSION_KEY,
+    FILE_METADATA_KEY,
     META_FIELDS,
     MODE_V2,
     PARTS,
     V2Layout,
+    file_metadata,
     tensor_name,
 )
 
@@ -38,7 +38,6 @@ class XFPFile:
 
     matrices: dict[str, PackedV2] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -64,10 +63,7 @@ def flatten(content: XFPFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if name in tensors:
             raise ValueError(f"tensor name '{name}' is used twice")
         tensors[name] = t.contiguous()
-    metadata = dict(content.metadata)
-    metadata[FILE_METADATA_VERSION_KEY] = str(FORMAT_VERSION)
-    metadata[FILE_METADATA_MATRICES_KEY] = json.dumps(sorted(content.matrices))
-    return tensors, metadata
+    return tensors, file_metadata(list(content.matrices))
 
 
 def save(path: Path, content: XFPFile) -> None:
@@ -86,18 +82,23 @@ def _open(path: Path):
         raise FormatError(path, None, f"not a readable safetensors file ({first})") from None
 
 
-def _read_matrix_names(path: Path, metadata: dict[str, str]) -> list[str]:
-    version = metadata.get(FILE_METADATA_VERSION_KEY)
-    if version is None:
-        raise FormatError(path, None, f"metadata key '{FILE_METADATA_VERSION_KEY}' is missing (not an XFP file)")
-    if version != str(FORMAT_VERSION):
-        raise FormatError(path, None, f"format version {version!r} is not supported (this XFP reads {FORMAT_VERSION})")
+def read_matrix_names(path: Path, metadata: dict[str, str]) -> list[str]:
+    """The matrices an XFP file lists in its header metadata, after checking the format version."""
+    key = FILE_METADATA_KEY
+    if key not in metadata:
+        raise FormatError(path, None, f"header metadata key '{key}' is missing (not an XFP file)")
     try:
-        names = json.loads(metadata.get(FILE_METADATA_MATRICES_KEY, ""))
+        info = json.loads(metadata[key])
     except json.JSONDecodeError:
-        names = None
+        info = None
+    if not isinstance(info, dict):
+        raise FormatError(path, None, f"header metadata '{key}' must be a JSON object")
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FormatError(path, None, f"format version {version!r} is not supported (this XFP reads {FORMAT_VERSION})")
+    names = info.get("matrices")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise FormatError(path, None, f"metadata key '{FILE_METADATA_MATRICES_KEY}' must be a JSON list of names")
+        raise FormatError(path, None, f"header metadata '{key}' must list the quantized matrices as a JSON list of names")
     return names
 
 
@@ -145,11 +146,10 @@ def load(path: Path) -> XFPFile:
     """Read and fully validate one XFP safetensors file."""
     path = Path(path)
     with _open(path) as f:
-        metadata = dict(f.metadata() or {})
-        names = _read_matrix_names(path, metadata)
+        names = read_matrix_names(path, dict(f.metadata() or {}))
         keys = set(f.keys())
         owned: set[str] = set()
-        out = XFPFile(metadata=metadata)
+        out = XFPFile()
         for name in names:
             parts = {}
             for part in PARTS:

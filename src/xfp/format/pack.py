@@ -32,12 +32,13 @@ def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"indices must be a 2-D uint8 tensor, got {indices.dtype} {tuple(indices.shape)}")
     rows, cols = indices.shape
     nbytes = row_bytes(cols, bits)
-    out = torch.empty((rows, nbytes), dtype=torch.uint8)
+    dev = indices.device
+    out = torch.empty((rows, nbytes), dtype=torch.uint8, device=dev)
     if bits == 8:
         out.copy_(indices)
         return out
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=dev)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=dev)
     step = _rows_per_chunk(cols, bits)
     for r0 in range(0, rows, step):
         chunk = indices[r0 : r0 + step]
@@ -61,9 +62,10 @@ def unpack(codes: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         )
     if bits == 8:
         return codes.clone()
-    out = torch.empty((rows, cols), dtype=torch.uint8)
-    bit_shifts = torch.arange(8, dtype=torch.uint8)
-    value_weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.uint8)
+    dev = codes.device
+    out = torch.empty((rows, cols), dtype=torch.uint8, device=dev)
+    bit_shifts = torch.arange(8, dtype=torch.uint8, device=dev)
+    value_weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.uint8, device=dev)
     step = _rows_per_chunk(cols, bits)
     for r0 in range(0, rows, step):
         chunk = codes[r0 : r0 + step]

@@ -7,6 +7,7 @@ See docs/FORMAT.md, which this module implements.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -23,8 +24,15 @@ PARTS = ("codes", "codebook", "outlier_pos", "outlier_val", "meta")
 META_FIELDS = ("mode", "rows", "cols", "bits")
 """The int32 entries of the `meta` tensor, in order."""
 
-FILE_METADATA_VERSION_KEY = "xfp.format_version"
-FILE_METADATA_MATRICES_KEY = "xfp.matrices"
+FILE_METADATA_KEY = "xfp"
+"""The one header-metadata key of an XFP file: a JSON object {"format_version": 1, "matrices": [names]}.
+One key, because safetensors writes header metadata in no fixed order and XFP files must be byte-stable."""
+
+
+def file_metadata(matrix_names: list[str], version: int = FORMAT_VERSION) -> dict[str, str]:
+    """The header metadata of an XFP file listing `matrix_names`."""
+    return {FILE_METADATA_KEY: json.dumps({"format_version": version, "matrices": sorted(matrix_names)},
+                                          sort_keys=True)}
 
 
 def base_name(weight_name: str) -> str:

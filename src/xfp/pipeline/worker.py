@@ -17,7 +17,7 @@ from xfp.config import QuantConfig
 from xfp.format import io
 from xfp.format.spec import dense_bytes
 from xfp.quantize.autoselect import quantize_matrix
-from xfp.sources.base import FLOAT_DTYPES, TensorSource
+from xfp.sources.base import TensorSource
 
 KEEP_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 """A kept float tensor stays in its stored dtype; one stored in a GGUF block type is kept as float16."""
@@ -26,8 +26,13 @@ COSINE_HIST_EDGES = [0.0] + [10.0 ** (e / 4) for e in range(-28, 1)]
 """Bin edges of 1 - cosine (1e-7 .. 1, four bins a decade), for the per-class distribution plot."""
 
 
+NON_FLOAT_LABELS = frozenset({"BOOL", "U8", "U16", "U32", "U64", "I8", "I16", "I32", "I64"})
+"""Storage labels of integer/bool data (safetensors and GGUF); every other label (F32, BF16, Q4_K,
+IQ4_NL...) holds real numbers."""
+
+
 def is_float_label(label: str) -> bool:
-    return label in FLOAT_DTYPES or not label.upper().startswith(("I", "U", "BOOL"))
+    return label.upper() not in NON_FLOAT_LABELS
 
 
 def part_paths(workdir: Path, index: int) -> tuple[Path, Path]:

@@ -1,0 +1,5 @@
+"""Running XFP matrices: the `XFPLinear` module and the choice of kernel (`dispatch`)."""
+
+from xfp.runtime.linear import XFPLinear
+
+__all__ = ["XFPLinear"]

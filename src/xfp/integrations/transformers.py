@@ -1,0 +1,389 @@
+"""transformers integration: `from_pretrained` loads XFP folders, and quantizes plain folders on load.
+
+Importing this module registers `XFPConfig` and `XFPHfQuantizer` under `quant_method: "xfp"` with the
+public `register_quantization_config` / `register_quantizer` of transformers (`import xfp` does it).
+
+An XFP folder (config.json with `quantization_config.quant_method == "xfp"`):
+- before the weights load (`_process_model_before_weight_loading`, the model is still on the meta device):
+  every matrix in `quantization_config.matrices` is resolved to its `nn.Linear`, sized from that layer's
+  shape and the entry's (bits, outliers), checked against the safetensors headers (presence, dtype, shape,
+  the `xfp` header metadata: format version and matrix list; no data is read), and replaced by an `XFPLinear` whose buffers
+  carry the stored tensor names, so transformers fills them like any other state-dict entry;
+- after (`_process_model_after_weight_loading`): each matrix's content is checked by
+  `xfp.format.io.validate_matrix`, and kept floating tensors must be finite. Any violation is a one-line
+  `xfp.errors.FormatError` naming the file and the tensor.
+
+Quantize-on-load (`from_pretrained(plain_folder, quantization_config=XFPConfig(...))`): transformers
+resolves the checkpoint files before any quantizer hook can change the path, and hands that same list to
+`_process_model_before_weight_loading(checkpoint_files=...)` before it reads a single weight. The hook
+quantizes the source folder into `$XFP_CACHE/quantized/<key>` (key: source fingerprint + config + XFP
+version; an existing folder is reused, so a second load fits nothing), puts that folder's shards into the
+list in place, marks the quantizer pre-quantized, and continues exactly as for an XFP folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import auto as _auto
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from xfp.config import FORMAT_VERSION, SUPPORTED_BITS, QuantConfig
+from xfp.errors import FormatError, XFPError
+from xfp.format import folder as xfp_folder
+from xfp.format.io import read_matrix_names
+from xfp.format.spec import V2Layout, base_name, tensor_name
+from xfp.runtime.linear import BUFFER_PREFIX, XFPLinear
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "xfp"
+_QUANT_FIELDS = tuple(QuantConfig.__dataclass_fields__)
+_PART_MARKER = f".{BUFFER_PREFIX}"  # every stored part's name contains ".xfp_"
+_SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+                       "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+                       "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class XFPConfig(QuantizationConfigMixin):
+    """`quantization_config` of an XFP model: the `QuantConfig` fields, plus what sizes each stored matrix.
+
+    As found in an XFP folder's config.json: `{"quant_method": "xfp", "format_version": 1, <QuantConfig
+    fields>, "matrices": {"model.layers.0.self_attn.q_proj.weight": {"bits": 4, "outliers": 123}, ...}}`.
+    Passed to `from_pretrained` on a plain folder, it asks for quantize-on-load with these QuantConfig fields
+    (`matrices` is then filled in from the quantized folder). `quantize_embeddings` is forwarded to the
+    pipeline on quantize-on-load.
+    """
+
+    def __init__(self, *, matrices: Mapping[str, Any] | None = None, quantize_embeddings: bool = False,
+                 quant_method: str = QUANT_METHOD, **fields: Any) -> None:
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"XFPConfig needs quant_method {QUANT_METHOD!r}, got {quant_method!r}")
+        version = fields.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise FormatError("quantization_config", None,
+                              f"format_version {version!r} is not supported (this XFP reads {FORMAT_VERSION})")
+        if matrices is not None and not isinstance(matrices, Mapping):
+            raise ValueError(f"matrices must map weight names to {{'bits', 'outliers'}}, got {type(matrices).__name__}")
+        quant = QuantConfig.from_dict(fields)  # validates; refuses unknown keys
+        self.quant_method = QUANT_METHOD
+        self.__dict__.update(quant.to_dict())  # floor_strict, ..., lloyd_iterations, format_version
+        self.matrices = copy.deepcopy(dict(matrices or {}))
+        self.quantize_embeddings = bool(quantize_embeddings)
+
+    def quant_config(self) -> QuantConfig:
+        """The QuantConfig these fields describe (re-validated, so a later `update(...)` is checked too)."""
+        return QuantConfig.from_dict({k: getattr(self, k) for k in (*_QUANT_FIELDS, "format_version")})
+
+    def __repr__(self) -> str:
+        return f"XFPConfig({self.quant_config()}, {len(self.matrices)} matrices)"
+
+
+def matrix_entries(matrices: Mapping[str, Any], where: str | Path) -> dict[str, tuple[int, int]]:
+    """quantization_config.matrices -> {weight name: (bits, outliers)}; FormatError on a bad entry."""
+    out = {}
+    for name, entry in matrices.items():
+        bits = entry.get("bits") if isinstance(entry, Mapping) else None
+        outliers = entry.get("outliers") if isinstance(entry, Mapping) else None
+        if type(bits) is not int or type(outliers) is not int:
+            problem = "the entry must hold integers 'bits' and 'outliers'"
+        elif bits not in SUPPORTED_BITS:
+            problem = f"bits must be one of {SUPPORTED_BITS}, got {bits}"
+        elif outliers < 0:
+            problem = f"outliers must be >= 0, got {outliers}"
+        else:
+            out[name] = (bits, outliers)
+            continue
+        raise FormatError(where, name, f"quantization_config.matrices: {problem}")
+    return out
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One stored matrix and the model layer it becomes."""
+
+    name: str  # stored weight name, e.g. model.layers.0.mlp.up_proj.weight
+    module_path: str  # the layer in this model (differs from base_name(name) by the base-model prefix at most)
+    layout: V2Layout
+
+
+def _find_linear(model: nn.Module, name: str, where: Path) -> tuple[str, nn.Linear]:
+    base = base_name(name)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [base]
+    if prefix:
+        candidates.append(base.removeprefix(f"{prefix}.") if base.startswith(f"{prefix}.") else f"{prefix}.{base}")
+    for path in candidates:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise XFPError(f"{where}: '{name}' is quantized, but '{path}' is a {type(module).__name__}; "
+                           "the XFP runtime replaces torch.nn.Linear layers only")
+        return path, module
+    raise XFPError(f"{where}: quantization_config.matrices names '{name}', but {type(model).__name__} has no "
+                   f"layer '{base}'")
+
+
+def resolve_targets(model: nn.Module, entries: Mapping[str, tuple[int, int]], where: Path) -> list[_Target]:
+    """Each stored matrix -> the Linear it replaces, sized from that layer and (bits, outliers)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    tied_with = {**dict(tied), **{v: k for k, v in tied.items()}}
+    targets = []
+    for name, (bits, outliers) in entries.items():
+        path, linear = _find_linear(model, name, where)
+        other = tied_with.get(f"{path}.weight")
+        if other is not None:
+            raise XFPError(f"{where}: '{name}' is quantized, but the model ties it to '{other}'; "
+                           "XFP keeps tied weights dense (or set tie_word_embeddings=false)")
+        try:
+            layout = V2Layout(linear.out_features, linear.in_features, bits, outliers)
+        except ValueError as exc:
+            raise FormatError(where, name, f"quantization_config.matrices: {exc}") from None
+        targets.append(_Target(name, path, layout))
+    return targets
+
+
+def check_headers(files: list[Path], targets: list[_Target]) -> dict[str, Path]:
+    """Check every stored part's presence, dtype and shape from the safetensors headers (no data read).
+
+    Also every file's `xfp` header metadata (format version, matrix list). Returns {tensor name: file} for
+    every tensor of the files.
+    """
+    expected = {tensor_name(t.name, part): (t, dtype, shape)
+                for t in targets for part, (dtype, shape) in t.layout.tensors().items()}
+    file_of: dict[str, Path] = {}
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own types for truncated or corrupt headers
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise FormatError(path, None, f"not a readable safetensors file ({first})") from None
+        with handle as f:
+            listed = set(read_matrix_names(path, dict(f.metadata() or {})))
+            for key in f.keys():
+                file_of[key] = path
+                if _PART_MARKER not in key:
+                    continue
+                if key not in expected:
+                    raise FormatError(path, key, "looks like part of a quantized matrix that "
+                                                 "quantization_config.matrices does not list")
+                target, dtype, shape = expected[key]
+                if target.name not in listed:
+                    raise FormatError(path, key, f"belongs to '{target.name}', which this file's "
+                                                 "'xfp' header metadata does not list")
+                tensor = f.get_slice(key)
+                stored_dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype())
+                stored_shape = list(tensor.get_shape())
+                if stored_dtype != _dtype_name(dtype) or stored_shape != list(shape):
+                    lay = target.layout
+                    raise FormatError(path, key, f"must be {_dtype_name(dtype)} {list(shape)} for a "
+                                                 f"{lay.rows}x{lay.cols} layer at bits={lay.bits}, "
+                                                 f"outliers={lay.n_outliers} (quantization_config.matrices), "
+                                                 f"got {stored_dtype} {stored_shape}")
+    folder = Path(files[0]).parent if files else Path(".")
+    for key in expected:
+        if key not in file_of:
+            raise FormatError(folder, key, "is missing from the checkpoint (quantization_config.matrices lists it)")
+    return file_of
+
+
+def _replace(model: nn.Module, target: _Target) -> None:
+    linear = model.get_submodule(target.module_path)
+    bias = linear.bias
+    lay = target.layout
+    module = XFPLinear(lay.cols, lay.rows, lay.bits, lay.n_outliers, bias is not None, device="meta",
+                       dtype=None if bias is None else bias.dtype)
+    model.set_submodule(target.module_path, module)
+
+
+# -- quantize-on-load -----------------------------------------------------------------------------
+
+
+def cache_key(fingerprint: str, config: QuantConfig, quantize_embeddings: bool) -> str:
+    """The cache folder name of one (source, config) pair; it changes with the XFP version too."""
+    from xfp import __version__
+
+    payload = {"source": fingerprint, "config": config.to_dict(), "quantize_embeddings": quantize_embeddings,
+               "xfp_version": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _is_complete(folder: Path) -> bool:
+    # The pipeline writes config.json last, atomically, after every shard.
+    return (folder / "config.json").is_file()
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (POSIX); a no-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def quantized_folder(src: str | Path, config: XFPConfig, *, progress: bool = True) -> Path:
+    """The XFP folder of `src` under `config`: `$XFP_CACHE/quantized/<key>`, quantized first if absent.
+
+    An interrupted run resumes from `<key>.partial`; concurrent loads of the same key wait on a lock.
+    """
+    from xfp.pipeline import quantize_model  # quantize-time code, imported only when quantizing
+    from xfp.sources import cache_dir, open_source
+
+    src = Path(src)
+    quant = config.quant_config()
+    key = cache_key(open_source(src).fingerprint(), quant, config.quantize_embeddings)
+    root = cache_dir() / "quantized"
+    final = root / key
+    if _is_complete(final):
+        log.info("XFP: %s is already quantized with this config in %s", src, final)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / f"{key}.lock"):
+        if _is_complete(final):
+            return final
+        work = root / f"{key}.partial"
+        if not _is_complete(work):
+            log.warning("XFP: quantizing %s into %s (first load with this config; later loads reuse it)", src, final)
+            with _plain_torch_defaults():
+                quantize_model(src, work, quant, resume=work.exists(),
+                               quantize_embeddings=config.quantize_embeddings, progress=progress)
+        os.replace(work, final)
+    return final
+
+
+@contextmanager
+def _plain_torch_defaults() -> Iterator[None]:
+    """CPU as the default device and float32 as the default dtype, whatever the caller set.
+
+    `_process_model_before_weight_loading` runs inside from_pretrained's model-init context, where new
+    tensors land on the meta device in the model's dtype; quantizing there needs real tensors.
+    """
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+# -- the quantizer --------------------------------------------------------------------------------
+
+
+class XFPHfQuantizer(HfQuantizer):
+    """Loads XFP folders into `XFPLinear` layers; quantizes plain folders on load (see the module doc)."""
+
+    requires_calibration = False
+    quantization_config: XFPConfig
+
+    def __init__(self, quantization_config: XFPConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.quantized_on_load = False
+        self._targets: list[_Target] = []
+        self._file_of: dict[str, Path] = {}
+        self._folder: Path | None = None
+
+    def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+            raise XFPError("XFP quantize-on-load cannot offload to disk; quantize first (`xfp quantize`) "
+                           "and load the XFP folder")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> nn.Module:
+        if not checkpoint_files:
+            raise XFPError("XFP loads from checkpoint files (an XFP folder, or a plain Hugging Face folder to "
+                           "quantize); transformers passed none (a state_dict or gguf_file cannot be used)")
+        if not self.pre_quantized:
+            self._quantize_on_load(checkpoint_files)
+        files = [Path(f) for f in checkpoint_files]
+        self._folder = files[0].parent
+        entries = matrix_entries(self.quantization_config.matrices, self._folder / "config.json")
+        self._targets = resolve_targets(model, entries, self._folder)
+        self._file_of = check_headers(files, self._targets)
+        for target in self._targets:
+            _replace(model, target)
+        return model
+
+    def _quantize_on_load(self, checkpoint_files: list[str]) -> None:
+        """Quantize (or reuse) the source folder, then load its XFP folder instead: the files list is
+        the one transformers reads the weights from, so it is updated in place."""
+        folder = quantized_folder(Path(checkpoint_files[0]).parent, self.quantization_config)
+        self.quantization_config = copy.deepcopy(self.quantization_config)  # the caller's object stays as given
+        self.quantization_config.matrices = xfp_folder.read_config(folder)["quantization_config"]["matrices"]
+        checkpoint_files[:] = [str(f) for f in xfp_folder.shard_files(folder)]
+        self.pre_quantized = True
+        self.quantized_on_load = True
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        for target in self._targets:
+            module = model.get_submodule(target.module_path)
+            path = self._file_of.get(tensor_name(target.name, "meta"), self._folder)
+            module.validate(path, target.name)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+                path = self._file_of.get(name) or self._file_of.get(f"{prefix}.{name}") or self._folder
+                raise FormatError(path, name, "values must be finite (no NaN/Inf)")
+        return model
+
+    def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
+        # Stored parts load bit for bit: never cast them (e.g. by a model's keep-in-fp32 dtype plan).
+        targets = getattr(converter, "_original_target_patterns", None) or []
+        if any(_PART_MARKER in t for t in targets):
+            return None
+        return super().get_new_dtype(converter, param, dtype)
+
+    def is_serializable(self) -> bool:
+        log.warning("An XFP model is saved by `xfp quantize` (xfp.pipeline): its output folder is the artifact; "
+                    "copy or upload that folder instead of calling save_pretrained")
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register quant_method "xfp" with transformers; idempotent (also across a reload of this module)."""
+    for mapping, cls, register_fn in ((_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, XFPConfig, register_quantization_config),
+                                      (_auto.AUTO_QUANTIZER_MAPPING, XFPHfQuantizer, register_quantizer)):
+        current = mapping.get(QUANT_METHOD)
+        if current is cls:
+            continue
+        if current is not None and (current.__module__, current.__qualname__) == (cls.__module__, cls.__qualname__):
+            mapping[QUANT_METHOD] = cls  # this module was re-imported: point at the new classes
+            continue
+        register_fn(QUANT_METHOD)(cls)  # ValueError if another package owns "xfp"
+
+
+register()
+
+__all__ = ["QUANT_METHOD", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_headers", "matrix_entries",
+           "quantized_folder", "register", "resolve_targets"]

@@ -1,0 +1,24 @@
+"""Kernel selection: the reference is always there, `XFP_KERNEL` forces a choice, unknown names refuse."""
+
+import pytest
+import torch
+
+from xfp.runtime import dispatch
+
+
+def test_reference_is_chosen_by_default(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.select(torch.device("cpu"), torch.float32) is dispatch.REFERENCE
+    assert dispatch.kernel_names()[-1] == "reference"
+
+
+@pytest.mark.parametrize("value", ["reference", "auto", ""])
+def test_env_override(monkeypatch, value):
+    monkeypatch.setenv(dispatch.ENV_VAR, value)
+    assert dispatch.select(torch.device("cpu"), torch.bfloat16) is dispatch.REFERENCE
+
+
+def test_unknown_kernel_is_refused(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "marlin")
+    with pytest.raises(ValueError, match="XFP_KERNEL='marlin' is not a known kernel.*reference"):
+        dispatch.select(torch.device("cpu"), torch.float32)
