@@ -13,7 +13,6 @@ import torch
 from xfp.config import SUPPORTED_BITS
 from xfp.format.spec import row_bytes
 
-_CHUNK_ELEMENTS = 1 << 24  # bounds the temporary bit tensor to ~16 M bytes per chunk of rows
 
 
 def _check_bits(bits: int) -> None:
@@ -21,8 +20,10 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
 
 
-def _rows_per_chunk(cols: int, bits: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, cols * bits))
+def _positions(cols: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For index j of a row: the byte its lowest bit lands in, and its bit offset there. [cols] int64 each."""
+    start = torch.arange(cols, dtype=torch.int64, device=device) * bits
+    return start >> 3, start & 7
 
 
 def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
@@ -33,47 +34,36 @@ def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = indices.shape
     nbytes = row_bytes(cols, bits)
     dev = indices.device
-    out = torch.empty((rows, nbytes), dtype=torch.uint8, device=dev)
-    if bits == 8:
-        out.copy_(indices)
-        return out
-    shifts = torch.arange(bits, dtype=torch.uint8, device=dev)
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=dev)
-    step = _rows_per_chunk(cols, bits)
-    for r0 in range(0, rows, step):
-        chunk = indices[r0 : r0 + step]
-        n = chunk.shape[0]
-        stream = ((chunk.unsqueeze(-1) >> shifts) & 1).reshape(n, cols * bits)
-        pad = nbytes * 8 - cols * bits
-        if pad:
-            stream = torch.cat([stream, stream.new_zeros(n, pad)], dim=1)
-        octets = stream.reshape(n, nbytes, 8).to(torch.int32)
-        out[r0 : r0 + n] = (octets * weights).sum(-1).to(torch.uint8)
-    return out
+    if 8 % bits == 0:  # whole indices per byte: shift each into place and add (bits never overlap)
+        per = 8 // bits
+        padded = torch.nn.functional.pad(indices, (0, nbytes * per - cols))
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=dev)
+        return (padded.view(rows, nbytes, per) << shifts).sum(-1, dtype=torch.uint8)
+    # an index spans at most two bytes: split its shifted value into a low and a high byte
+    byte, shift = _positions(cols, bits, dev)
+    shifted = indices.to(torch.int32) << shift.to(torch.int32)
+    acc = torch.zeros((rows, nbytes + 1), dtype=torch.int32, device=dev)
+    acc.scatter_add_(1, byte.expand(rows, cols), shifted & 0xFF)
+    acc.scatter_add_(1, (byte + 1).expand(rows, cols), shifted >> 8)
+    return acc[:, :nbytes].to(torch.uint8)
 
 
 def unpack(codes: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """codes: [rows, ceil(cols*bits/8)] uint8 -> indices: [rows, cols] uint8."""
     _check_bits(bits)
-    rows = codes.shape[0]
     if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] != row_bytes(cols, bits):
         raise ValueError(
             f"codes must be uint8 [rows, {row_bytes(cols, bits)}], got {codes.dtype} {tuple(codes.shape)}"
         )
-    if bits == 8:
-        return codes.clone()
-    dev = codes.device
-    out = torch.empty((rows, cols), dtype=torch.uint8, device=dev)
-    bit_shifts = torch.arange(8, dtype=torch.uint8, device=dev)
-    value_weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.uint8, device=dev)
-    step = _rows_per_chunk(cols, bits)
-    for r0 in range(0, rows, step):
-        chunk = codes[r0 : r0 + step]
-        n = chunk.shape[0]
-        stream = ((chunk.unsqueeze(-1) >> bit_shifts) & 1).reshape(n, -1)[:, : cols * bits]
-        out[r0 : r0 + n] = (stream.reshape(n, cols, bits) * value_weights).sum(-1, dtype=torch.uint8)
-    return out
-
+    rows, nbytes = codes.shape
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        return ((codes.unsqueeze(-1) >> shifts) & mask).view(rows, -1)[:, :cols]
+    byte, shift = _positions(cols, bits, codes.device)
+    padded = torch.nn.functional.pad(codes, (0, 1)).to(torch.int16)
+    pair = padded.index_select(1, byte) | (padded.index_select(1, byte + 1) << 8)
+    return ((pair >> shift.to(torch.int16)) & mask).to(torch.uint8)
 
 def padding_is_zero(codes: torch.Tensor, bits: int, cols: int) -> bool:
     """True when the pad bits at the end of every row are zero (a MUST of the format)."""
