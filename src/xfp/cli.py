@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--floor-lazy", type=float, default=0.97, help="cosine floor: routed MoE experts")
     q.add_argument("--statistic", default="p1", choices=["min", "p1", "p5", "median", "mean"],
                    help="per-channel cosine statistic the floors judge (default p1)")
-    q.add_argument("--mode", default="v2", choices=["v2"])
+    q.add_argument("--mode", default="v2", choices=["v2", "v2a"],
+                   help="v2: one codebook per output channel; v2a: per-group scale/offset + a library of codebooks")
+    q.add_argument("--group-size", type=_ints, default=(64, 128), help="v2a: candidate group sizes, e.g. 64,128")
+    q.add_argument("--library-size", type=int, default=1, help="v2a: codebooks in each matrix's library (L)")
     q.add_argument("--bits", type=_ints, default=(2, 3, 4), help="candidate widths, e.g. 2,3,4")
     q.add_argument("--escalation-bits", type=_ints, default=(5, 6, 8), help="widths tried when none meets the floor")
     q.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head (strict)")
@@ -68,6 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model")
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=40)
+    e = sub.add_parser("eval", help="perplexity over fixed windows; with --source also KL and top-1 agreement")
+    e.add_argument("model", help="XFP folder, HF folder, GGUF file, or smollm2 / gemma-270m")
+    e.add_argument("--source", help="the source model (same kinds): adds KL(source || model) and top-1 agreement")
+    e.add_argument("--text", help="UTF-8 text file (default: Canterbury alice29.txt + lcet10.txt)")
+    e.add_argument("--ctx", type=int, default=512, help="text tokens per window (default 512; BOS not counted)")
+    e.add_argument("--stride", type=int, help="tokens between window starts (default: --ctx, no overlap)")
+    e.add_argument("--max-windows", type=int, help="score at most this many windows (default: the whole text)")
+    e.add_argument("--garbage", action="store_true", help="also run the generation sanity check")
+    e.add_argument("--json", help="write the result as JSON to this file")
+    e.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("compare", help="quality per honest bit: baselines and XFP floors on one source model")
+    c.add_argument("src", nargs="?", help="HF folder, GGUF file, or smollm2 / gemma-270m")
+    c.add_argument("--methods", help="comma-separated method names (default: all registered defaults)")
+    c.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    c.add_argument("--text", help="UTF-8 text file (default: Canterbury alice29.txt + lcet10.txt)")
+    c.add_argument("--ctx", type=int, default=512, help="text tokens per window (default 512; BOS not counted)")
+    c.add_argument("--stride", type=int, help="tokens between window starts (default: --ctx, no overlap)")
+    c.add_argument("--max-windows", type=int, default=32, help="windows scored (default 32)")
+    c.add_argument("--no-garbage", action="store_true", help="skip the generation sanity check")
+    c.add_argument("--out", help="folder for compare.json, compare.md, pareto.png (default out/compare-<source>)")
+    c.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -93,7 +118,8 @@ def _config(args):
     from xfp.config import QuantConfig
 
     return QuantConfig(floor_strict=args.floor_strict, floor_lazy=args.floor_lazy, statistic=args.statistic,
-                       mode=args.mode, bits=args.bits, escalation_bits=args.escalation_bits)
+                       mode=args.mode, bits=args.bits, escalation_bits=args.escalation_bits,
+                       group_size=args.group_size, library_size=args.library_size)
 
 
 def cmd_quantize(args) -> int:
@@ -193,7 +219,69 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from xfp.evaluate import generation, models
+    from xfp.evaluate.perplexity import token_windows
+    from xfp.evaluate.scoring import score_windows
+
+    model, tokenizer = models.load(args.model)
+    ids = models.text_ids(tokenizer, args.text)
+    bos = models.bos_to_prepend(tokenizer)
+    windows = token_windows(ids, args.ctx, args.stride or args.ctx, args.max_windows, bos=bos is not None)
+    source = None
+    if args.source:
+        source, _ = models.load(args.source)
+        models.same_vocabulary(model, source)
+    scores = score_windows(ids, windows, {"model": lambda: model}, reference=(lambda: source) if source else None,
+                           bos_id=bos, progress=not args.no_progress, desc="windows x models")
+    text = args.text or models.default_text()
+    print(f"text    {text}: {len(ids)} tokens; {len(windows)} windows of {args.ctx} (stride {args.stride or args.ctx}), "
+          + (f"BOS {tokenizer.convert_ids_to_tokens(bos)} prepended to each" if bos is not None else "no BOS"))
+    m = scores["model"]
+    print(f"model   {args.model}: ppl {m.ppl:.4f} (nll {m.nll:.5f} nats/token, {m.tokens} tokens, {m.seconds:.1f} s)")
+    result = {"model": str(args.model), "text": str(text), "ctx": args.ctx, "stride": args.stride or args.ctx,
+              "windows": len(windows), "bos": bos, "model_scores": m.to_dict()}
+    if source is not None:
+        s = scores["source"]
+        print(f"source  {args.source}: ppl {s.ppl:.4f} (nll {s.nll:.5f}, {s.seconds:.1f} s)")
+        print(f"vs source: KL {m.kl:.5f} nats/token, top-1 agreement {m.top1:.4f}, delta ppl {m.ppl - s.ppl:+.4f}")
+        result["source"], result["source_scores"] = str(args.source), s.to_dict()
+    if args.garbage:
+        report = generation.garbage_score(model, tokenizer, source)
+        print(f"garbage {report.score:.3f} ({'passed' if report.passed else 'FAILED'}, threshold {report.threshold})")
+        result["garbage"] = report.to_dict()
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from xfp.evaluate import compare, methods
+
+    if args.list_methods:
+        for name in methods.DEFAULT_METHODS:
+            print(f"{name:12s} {methods.REGISTRY[name].about}")
+        print(f"{'xfp-FLOOR':12s} XFP auto-select at any floor, e.g. xfp-0.985")
+        return 0
+    if not args.src:
+        raise XFPError("compare needs SRC (a model folder, a GGUF file, smollm2 or gemma-270m)")
+    specs = methods.parse_methods(args.methods)
+    result = compare.run_compare(args.src, specs, text=args.text, ctx=args.ctx, stride=args.stride,
+                                 max_windows=args.max_windows, garbage=not args.no_garbage,
+                                 progress=not args.no_progress)
+    out = Path(args.out or f"out/compare-{Path(result['source']).stem}")
+    paths = compare.write_outputs(result, out)
+    print(compare.describe(result))
+    print(compare.format_table(result))
+    print(f"{result['seconds']:.0f} s; wrote {paths['table']}, {paths['json']}, {paths['plot']}")
+    return 0
+
+
 COMMANDS = {"quantize": cmd_quantize, "inspect": cmd_inspect, "verify": cmd_verify, "generate": cmd_generate}
+COMMANDS["eval"] = cmd_eval
+COMMANDS["compare"] = cmd_compare
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-FORMAT_VERSION = 1
-"""Version of the on-disk layout described in docs/FORMAT.md."""
+FORMAT_VERSION = 2
+"""Version of the on-disk layout described in docs/FORMAT.md (2: adds mode V2a)."""
+
+READABLE_FORMAT_VERSIONS = (1, 2)
+"""Versions this XFP reads: version 1 is version 2 restricted to mode V2 (docs/FORMAT.md, "Versioning")."""
+
+MODES = ("v2", "v2a")
+"""Storage modes: "v2", one Lloyd codebook per output channel; "v2a", groups of G weights along the input
+dimension with their own fp16 scale and offset, indexing a per-matrix library of L shared codebooks."""
+
+Mode = Literal["v2", "v2a"]
+
+MAX_LIBRARY = 256
+"""Largest V2a library: a group's library id is one uint8."""
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 """Index widths the packer and decoder support (2^b codebook entries)."""
@@ -49,18 +61,24 @@ class QuantConfig:
     floor_strict / floor_lazy: lower bounds on the cosine `statistic` of per-output-channel cosine
     similarity (original row vs reconstruction), for the strict class (attention, dense MLP, shared
     experts) and the lazy class (routed experts).
+    mode: "v2" (per-channel codebooks) or "v2a" (per-group scale/offset + a library of shared codebooks).
     bits: candidate index widths, tried from the cheapest honest size upwards.
     escalation_bits: wider widths tried only when no width in `bits` meets the floor.
+    group_size: (v2a only) candidate group sizes G, weights per group along the input dimension; auto-select
+    tries every width x group size x outlier budget, cheapest exact honest size first.
+    library_size: (v2a only) L, the number of codebooks in a matrix's library (1 = one codebook per matrix).
     """
 
     floor_strict: float = 0.99
     floor_lazy: float = 0.97
     statistic: Statistic = "p1"
-    mode: Literal["v2"] = "v2"
+    mode: Mode = "v2"
     bits: tuple[int, ...] = (2, 3, 4)
     escalation_bits: tuple[int, ...] = (5, 6, 8)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     lloyd_iterations: int = 16
+    group_size: tuple[int, ...] = (64, 128)
+    library_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("floor_strict", "floor_lazy"):
@@ -73,8 +91,8 @@ class QuantConfig:
             )
         if self.statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
-        if self.mode != "v2":
-            raise ValueError(f"mode must be 'v2', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         widths = self.bits + self.escalation_bits
         if not self.bits:
             raise ValueError("bits must name at least one width")
@@ -85,10 +103,17 @@ class QuantConfig:
             raise ValueError(f"bit widths repeat: {widths}")
         if self.lloyd_iterations < 1:
             raise ValueError(f"lloyd_iterations must be >= 1, got {self.lloyd_iterations}")
+        if not self.group_size or any(type(g) is not int or g < 1 for g in self.group_size):
+            raise ValueError(f"group_size must name at least one group size, each an integer >= 1, got {self.group_size}")
+        if len(set(self.group_size)) != len(self.group_size):
+            raise ValueError(f"group sizes repeat: {self.group_size}")
+        if type(self.library_size) is not int or not 1 <= self.library_size <= MAX_LIBRARY:
+            raise ValueError(f"library_size must be an integer in [1, {MAX_LIBRARY}], got {self.library_size!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["bits"], d["escalation_bits"] = list(self.bits), list(self.escalation_bits)
+        d["group_size"] = list(self.group_size)
         d["outliers"]["budgets"] = list(self.outliers.budgets)
         d["format_version"] = FORMAT_VERSION
         return d
@@ -102,7 +127,7 @@ class QuantConfig:
         if "budgets" in outliers:
             outliers["budgets"] = tuple(outliers["budgets"])
         outliers = OutlierConfig(**outliers)
-        for key in ("bits", "escalation_bits"):
+        for key in ("bits", "escalation_bits", "group_size"):
             if key in d:
                 d[key] = tuple(d[key])
         known = {f for f in cls.__dataclass_fields__}

@@ -17,6 +17,7 @@ PROMPTS = (
 def run_demo(out: Path, config: QuantConfig, windows: int = 16, progress: bool = True) -> int:
     from xfp.cli import print_summary
     from xfp.evaluate.generation import greedy, load_model
+    from xfp.evaluate.models import bos_to_prepend
     from xfp.evaluate.perplexity import perplexity
     from xfp.pipeline import quantize_model
     from xfp.sources import fetch
@@ -37,9 +38,10 @@ def run_demo(out: Path, config: QuantConfig, windows: int = 16, progress: bool =
         print(f"[xfp]    {greedy(quantized, tokenizer, prompt, 30)!r}")
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = bos_to_prepend(tokenizer)
     print(f"\n== perplexity: Canterbury alice29+lcet10, ctx 512, {windows} windows ==")
     for label, model in (("source", source), ("xfp", quantized)):
         start = time.perf_counter()
-        result = perplexity(model, ids, ctx=512, stride=512, max_windows=windows, progress=progress)
+        result = perplexity(model, ids, ctx=512, stride=512, max_windows=windows, progress=progress, bos_id=bos)
         print(f"{label:7s} ppl {result.ppl:8.3f}  ({result.tokens} tokens, {time.perf_counter() - start:.1f} s)")
     return 0

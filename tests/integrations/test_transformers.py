@@ -65,7 +65,7 @@ def test_config_round_trips_through_a_dict():
     ({"bits": [7]}, ValueError),
     ({"no_such_field": 1}, ValueError),
     ({"quant_method": "gptq"}, ValueError),
-    ({"format_version": 2}, FormatError),
+    ({"format_version": 99}, FormatError),
 ])
 def test_config_refuses_bad_fields(kwargs, error):
     with pytest.raises(error):
@@ -198,7 +198,7 @@ CORRUPTIONS = {
     "missing part": (dict(tensors=lambda t: t.pop(tensor_name(Q, "outlier_val"))), "xfp_outlier_val", "missing"),
     "stray part": (dict(tensors=lambda t: t.__setitem__("model.norm.xfp_codes", torch.zeros(2, dtype=torch.uint8))),
                    "model.norm.xfp_codes", "does not list"),
-    "file version": (dict(metadata=lambda m: _edit_metadata(m, lambda i: i.__setitem__("format_version", 2))),
+    "file version": (dict(metadata=lambda m: _edit_metadata(m, lambda i: i.__setitem__("format_version", 99))),
                      "model.safetensors",
                      "format version"),
     "file list": (dict(metadata=_drop_listed), "xfp_", "does not list"),

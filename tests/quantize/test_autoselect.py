@@ -118,3 +118,84 @@ def test_config_validation():
         QuantConfig(bits=(7,))
     cfg = QuantConfig(statistic="median", bits=(3, 4))
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# -- mode v2a ---------------------------------------------------------------------------------------
+
+V2A = dict(mode="v2a", group_size=(64, 128))
+
+
+@pytest.mark.parametrize("library_size", [1, 8])
+@pytest.mark.parametrize("statistic, floor", [("min", 0.95), ("p1", 0.99), ("mean", 0.995)])
+def test_v2a_floor_holds_on_decoded_matrix(statistic, floor, library_size):
+    w = heavy_tailed(96, 200)
+    r = quantize_matrix(w, floor, QuantConfig(statistic=statistic, library_size=library_size, **V2A), "m")
+    assert r.meets_floor and r.layout.mode == "v2a" and r.layout.library == library_size
+    decoded = decode(r.packed)
+    torch.testing.assert_close(decoded, r.reconstruction, rtol=0, atol=0)
+    stats = all_statistics(row_cosines(w, decoded))
+    assert stats[statistic] >= floor and stats == r.stats
+
+
+def test_v2a_cheapest_passing_candidate_is_chosen():
+    w = heavy_tailed(64, 256, seed=4)
+    r = quantize_matrix(w, 0.99, QuantConfig(**V2A), "m")
+    assert [t["bytes"] for t in r.tried] == sorted(t["bytes"] for t in r.tried)
+    assert {(t["bits"], t["group"]) for t in r.tried} >= {(2, 64), (2, 128)}
+    assert all(t["screened"] < 0.99 for t in r.tried[:-1]) and r.tried[-1]["screened"] >= 0.99
+    assert r.tried[-1]["bytes"] == r.layout.total_bytes and r.tried[-1]["group"] == r.layout.group
+
+
+def test_v2a_unreachable_floor_is_marked_not_hidden():
+    w = heavy_tailed(32, 256, seed=7)
+    cfg = QuantConfig(bits=(2,), escalation_bits=(), outliers=OutlierConfig(budgets=(0.0,)), **V2A)
+    r = quantize_matrix(w, 1.0, cfg, "m")
+    assert not r.meets_floor and len(r.tried) == 2
+    assert r.stats["p1"] == pytest.approx(max(t["screened"] for t in r.tried), abs=1e-12)
+    torch.testing.assert_close(decode(r.packed), r.reconstruction, rtol=0, atol=0)
+
+
+def test_v2a_zero_constant_and_tiny_matrices():
+    w = torch.zeros(4, 3)
+    w[1] = 0.25
+    w[2, :2] = torch.tensor([1.0, -1.0])
+    r = quantize_matrix(w, 0.999, QuantConfig(**V2A), "m")
+    assert r.meets_floor and r.stats["min"] == 1.0
+    assert torch.equal(decode(r.packed).float(), w)
+    assert quantize_matrix(torch.ones(1, 1), 0.99, QuantConfig(**V2A), "m").meets_floor
+
+
+def test_v2a_input_not_modified_and_deterministic():
+    w = heavy_tailed(48, 100, seed=9).to(torch.bfloat16)
+    before = w.clone()
+    a = quantize_matrix(w, 0.99, QuantConfig(library_size=4, **V2A), "m")
+    b = quantize_matrix(w, 0.99, QuantConfig(library_size=4, **V2A), "m")
+    assert torch.equal(w, before)
+    for part, t in a.packed.tensors().items():
+        assert torch.equal(t, b.packed.tensors()[part]), part
+
+
+def test_summary_holds_what_sizes_the_buffers():
+    w = heavy_tailed(16, 100, seed=10)
+    v2 = quantize_matrix(w, 0.99, QuantConfig(), "m").summary()
+    assert v2["mode"] == "v2" and "group" not in v2 and "library" not in v2
+    v2a = quantize_matrix(w, 0.99, QuantConfig(library_size=2, **V2A), "m")
+    s = v2a.summary()
+    assert {k: s[k] for k in ("mode", "bits", "outliers", "group", "library")} == v2a.layout.entry()
+    assert s["library"] == 2 and s["group"] in (64, 128) and s["bytes"] == v2a.layout.total_bytes
+
+
+def test_v2a_config_validation():
+    with pytest.raises(ValueError, match="mode"):
+        QuantConfig(mode="v3")
+    with pytest.raises(ValueError, match="group_size"):
+        QuantConfig(group_size=())
+    with pytest.raises(ValueError, match="group_size"):
+        QuantConfig(group_size=(0,))
+    with pytest.raises(ValueError, match="repeat"):
+        QuantConfig(group_size=(64, 64))
+    with pytest.raises(ValueError, match="library_size"):
+        QuantConfig(library_size=257)
+    cfg = QuantConfig(mode="v2a", group_size=(32, 128), library_size=32)
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["format_version"] == 2 and cfg.to_dict()["group_size"] == [32, 128]

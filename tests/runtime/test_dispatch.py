@@ -6,16 +6,18 @@ import torch
 from xfp.runtime import dispatch
 
 
-def test_reference_is_chosen_by_default(monkeypatch):
+def test_reference_is_the_fallback(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert dispatch.select(torch.device("cpu"), torch.float32) is dispatch.REFERENCE
+    # no fused kernel runs float64 inputs (the `cpu` kernel's choices are tested in test_kernels.py)
+    assert dispatch.select(torch.device("cpu"), torch.float64) is dispatch.REFERENCE
     assert dispatch.kernel_names()[-1] == "reference"
 
 
 @pytest.mark.parametrize("value", ["reference", "auto", ""])
 def test_env_override(monkeypatch, value):
     monkeypatch.setenv(dispatch.ENV_VAR, value)
-    assert dispatch.select(torch.device("cpu"), torch.bfloat16) is dispatch.REFERENCE
+    expected = dispatch.REFERENCE if value == "reference" else dispatch.CPU
+    assert dispatch.select(torch.device("cpu"), torch.bfloat16) is expected
 
 
 def test_unknown_kernel_is_refused(monkeypatch):

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from xfp.config import FORMAT_VERSION, QuantConfig
+from xfp.config import READABLE_FORMAT_VERSIONS, QuantConfig
 from xfp.errors import FormatError
 from xfp.format import io
 
@@ -23,9 +23,10 @@ def read_config(folder: Path) -> dict:
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(qc, dict) or qc.get("quant_method") != "xfp":
         raise FormatError(path, None, "has no quantization_config with quant_method 'xfp'")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise FormatError(path, None, f"format_version {qc.get('format_version')!r} is not supported "
-                                      f"(this XFP reads {FORMAT_VERSION})")
+    version = qc.get("format_version")
+    if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
+        raise FormatError(path, None, f"format_version {version!r} is not supported "
+                                      f"(this XFP reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
     if not isinstance(qc.get("matrices"), dict):
         raise FormatError(path, None, "quantization_config.matrices must map weight names to their layout")
     return config

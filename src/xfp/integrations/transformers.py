@@ -6,7 +6,7 @@ public `register_quantization_config` / `register_quantizer` of transformers (`i
 An XFP folder (config.json with `quantization_config.quant_method == "xfp"`):
 - before the weights load (`_process_model_before_weight_loading`, the model is still on the meta device):
   every matrix in `quantization_config.matrices` is resolved to its `nn.Linear`, sized from that layer's
-  shape and the entry's (bits, outliers), checked against the safetensors headers (presence, dtype, shape,
+  shape and the entry (mode, bits, outliers; group and library in mode v2a), checked against the safetensors headers (presence, dtype, shape,
   the `xfp` header metadata: format version and matrix list; no data is read), and replaced by an `XFPLinear` whose buffers
   carry the stored tensor names, so transformers fills them like any other state-dict entry;
 - after (`_process_model_after_weight_loading`): each matrix's content is checked by
@@ -41,11 +41,11 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from xfp.config import FORMAT_VERSION, SUPPORTED_BITS, QuantConfig
+from xfp.config import FORMAT_VERSION, MAX_LIBRARY, READABLE_FORMAT_VERSIONS, SUPPORTED_BITS, QuantConfig
 from xfp.errors import FormatError, XFPError
 from xfp.format import folder as xfp_folder
 from xfp.format.io import read_matrix_names
-from xfp.format.spec import V2Layout, base_name, tensor_name
+from xfp.format.spec import Layout, make_layout, base_name, tensor_name
 from xfp.runtime.linear import BUFFER_PREFIX, XFPLinear
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class XFPConfig(QuantizationConfigMixin):
     """`quantization_config` of an XFP model: the `QuantConfig` fields, plus what sizes each stored matrix.
 
-    As found in an XFP folder's config.json: `{"quant_method": "xfp", "format_version": 1, <QuantConfig
-    fields>, "matrices": {"model.layers.0.self_attn.q_proj.weight": {"bits": 4, "outliers": 123}, ...}}`.
+    As found in an XFP folder's config.json: `{"quant_method": "xfp", "format_version": 2, <QuantConfig
+    fields>, "matrices": {"model.layers.0.self_attn.q_proj.weight": {"bits": 4, "outliers": 123}, ...}}`
+    (an entry may also say "mode": "v2" or "v2a"; a v2a entry adds "group" and "library", see
+    `matrix_entries`).
     Passed to `from_pretrained` on a plain folder, it asks for quantize-on-load with these QuantConfig fields
     (`matrices` is then filled in from the quantized folder). `quantize_embeddings` is forwarded to the
     pipeline on quantize-on-load.
@@ -77,9 +79,10 @@ class XFPConfig(QuantizationConfigMixin):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"XFPConfig needs quant_method {QUANT_METHOD!r}, got {quant_method!r}")
         version = fields.get("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
             raise FormatError("quantization_config", None,
-                              f"format_version {version!r} is not supported (this XFP reads {FORMAT_VERSION})")
+                              f"format_version {version!r} is not supported (this XFP reads "
+                              f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
         if matrices is not None and not isinstance(matrices, Mapping):
             raise ValueError(f"matrices must map weight names to {{'bits', 'outliers'}}, got {type(matrices).__name__}")
         quant = QuantConfig.from_dict(fields)  # validates; refuses unknown keys
@@ -96,22 +99,56 @@ class XFPConfig(QuantizationConfigMixin):
         return f"XFPConfig({self.quant_config()}, {len(self.matrices)} matrices)"
 
 
-def matrix_entries(matrices: Mapping[str, Any], where: str | Path) -> dict[str, tuple[int, int]]:
-    """quantization_config.matrices -> {weight name: (bits, outliers)}; FormatError on a bad entry."""
+@dataclass(frozen=True)
+class MatrixEntry:
+    """One quantization_config.matrices entry: what sizes a matrix's buffers before its data is read."""
+
+    bits: int
+    outliers: int
+    mode: str = "v2"
+    group: int | None = None
+    library: int | None = None
+
+    def layout(self, rows: int, cols: int) -> Layout:
+        return make_layout(self.mode, rows, cols, self.bits, self.outliers, group=self.group, library=self.library)
+
+
+def _entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, Mapping):
+        return "the entry must be a JSON object"
+    bits, outliers, mode = entry.get("bits"), entry.get("outliers"), entry.get("mode", "v2")
+    if type(bits) is not int or type(outliers) is not int:
+        return "the entry must hold integers 'bits' and 'outliers'"
+    if bits not in SUPPORTED_BITS:
+        return f"bits must be one of {SUPPORTED_BITS}, got {bits}"
+    if outliers < 0:
+        return f"outliers must be >= 0, got {outliers}"
+    if mode not in ("v2", "v2a"):
+        return f"mode must be 'v2' or 'v2a', got {mode!r}"
+    if mode == "v2":
+        if entry.get("group") is not None or entry.get("library") is not None:
+            return "'group' and 'library' belong to mode 'v2a' entries only"
+        return None
+    group, library = entry.get("group"), entry.get("library")
+    if type(group) is not int or group < 1:
+        return f"a mode 'v2a' entry needs an integer 'group' >= 1, got {group!r}"
+    if type(library) is not int or not 1 <= library <= MAX_LIBRARY:
+        return f"a mode 'v2a' entry needs an integer 'library' in [1, {MAX_LIBRARY}], got {library!r}"
+    return None
+
+
+def matrix_entries(matrices: Mapping[str, Any], where: str | Path) -> dict[str, MatrixEntry]:
+    """quantization_config.matrices -> {weight name: MatrixEntry}; FormatError on a bad entry.
+
+    An entry is {"bits", "outliers"} plus optionally "mode" ("v2" when absent, as in version 1 folders);
+    a "v2a" entry also needs "group" and "library". Other keys ("class") are ignored."""
     out = {}
     for name, entry in matrices.items():
-        bits = entry.get("bits") if isinstance(entry, Mapping) else None
-        outliers = entry.get("outliers") if isinstance(entry, Mapping) else None
-        if type(bits) is not int or type(outliers) is not int:
-            problem = "the entry must hold integers 'bits' and 'outliers'"
-        elif bits not in SUPPORTED_BITS:
-            problem = f"bits must be one of {SUPPORTED_BITS}, got {bits}"
-        elif outliers < 0:
-            problem = f"outliers must be >= 0, got {outliers}"
-        else:
-            out[name] = (bits, outliers)
-            continue
-        raise FormatError(where, name, f"quantization_config.matrices: {problem}")
+        problem = _entry_problem(entry)
+        if problem is not None:
+            raise FormatError(where, name, f"quantization_config.matrices: {problem}")
+        out[name] = MatrixEntry(entry["bits"], entry["outliers"], entry.get("mode", "v2"), entry.get("group"),
+                                entry.get("library"))
     return out
 
 
@@ -121,7 +158,7 @@ class _Target:
 
     name: str  # stored weight name, e.g. model.layers.0.mlp.up_proj.weight
     module_path: str  # the layer in this model (differs from base_name(name) by the base-model prefix at most)
-    layout: V2Layout
+    layout: Layout
 
 
 def _find_linear(model: nn.Module, name: str, where: Path) -> tuple[str, nn.Linear]:
@@ -143,19 +180,19 @@ def _find_linear(model: nn.Module, name: str, where: Path) -> tuple[str, nn.Line
                    f"layer '{base}'")
 
 
-def resolve_targets(model: nn.Module, entries: Mapping[str, tuple[int, int]], where: Path) -> list[_Target]:
-    """Each stored matrix -> the Linear it replaces, sized from that layer and (bits, outliers)."""
+def resolve_targets(model: nn.Module, entries: Mapping[str, MatrixEntry], where: Path) -> list[_Target]:
+    """Each stored matrix -> the Linear it replaces, sized from that layer and its entry."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     tied_with = {**dict(tied), **{v: k for k, v in tied.items()}}
     targets = []
-    for name, (bits, outliers) in entries.items():
+    for name, entry in entries.items():
         path, linear = _find_linear(model, name, where)
         other = tied_with.get(f"{path}.weight")
         if other is not None:
             raise XFPError(f"{where}: '{name}' is quantized, but the model ties it to '{other}'; "
                            "XFP keeps tied weights dense (or set tie_word_embeddings=false)")
         try:
-            layout = V2Layout(linear.out_features, linear.in_features, bits, outliers)
+            layout = entry.layout(linear.out_features, linear.in_features)
         except ValueError as exc:
             raise FormatError(where, name, f"quantization_config.matrices: {exc}") from None
         targets.append(_Target(name, path, layout))
@@ -195,10 +232,10 @@ def check_headers(files: list[Path], targets: list[_Target]) -> dict[str, Path]:
                 stored_shape = list(tensor.get_shape())
                 if stored_dtype != _dtype_name(dtype) or stored_shape != list(shape):
                     lay = target.layout
+                    layout_words = ", ".join(f"{k}={v}" for k, v in lay.entry().items())
                     raise FormatError(path, key, f"must be {_dtype_name(dtype)} {list(shape)} for a "
-                                                 f"{lay.rows}x{lay.cols} layer at bits={lay.bits}, "
-                                                 f"outliers={lay.n_outliers} (quantization_config.matrices), "
-                                                 f"got {stored_dtype} {stored_shape}")
+                                                 f"{lay.rows}x{lay.cols} layer at {layout_words} "
+                                                 f"(quantization_config.matrices), got {stored_dtype} {stored_shape}")
     folder = Path(files[0]).parent if files else Path(".")
     for key in expected:
         if key not in file_of:
@@ -210,7 +247,9 @@ def _replace(model: nn.Module, target: _Target) -> None:
     linear = model.get_submodule(target.module_path)
     bias = linear.bias
     lay = target.layout
-    module = XFPLinear(lay.cols, lay.rows, lay.bits, lay.n_outliers, bias is not None, device="meta",
+    entry = lay.entry()
+    module = XFPLinear(lay.cols, lay.rows, lay.bits, lay.n_outliers, bias is not None, mode=lay.mode,
+                       group=entry.get("group"), library=entry.get("library"), device="meta",
                        dtype=None if bias is None else bias.dtype)
     model.set_submodule(target.module_path, module)
 
@@ -385,5 +424,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["QUANT_METHOD", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_headers", "matrix_entries",
+__all__ = ["QUANT_METHOD", "MatrixEntry", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_headers", "matrix_entries",
            "quantized_folder", "register", "resolve_targets"]

@@ -65,7 +65,8 @@ def quantize_model(src: str | Path, out: str | Path, config: QuantConfig, *, res
 
 def quantization_config(config: QuantConfig, summaries: list[dict]) -> dict:
     """The `quantization_config` entry of config.json: the config, plus what sizes each quantized buffer."""
-    matrices = {s["name"]: {"bits": s["bits"], "outliers": s["outliers"], "class": s["class"]}
+    layout_keys = ("mode", "bits", "outliers", "group", "library")
+    matrices = {s["name"]: {"class": s["class"], **{k: s[k] for k in layout_keys if k in s}}
                 for s in summaries if "bits" in s}
     return {"quant_method": "xfp", "format_version": FORMAT_VERSION, **config.to_dict(), "matrices": matrices}
 

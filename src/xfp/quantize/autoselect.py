@@ -1,10 +1,14 @@
 """Auto-select: the cheapest stored configuration of one matrix whose cosine statistic meets its floor.
 
-Candidates (index width x outlier budget) are ordered by their exact honest size, which is known before
-any fitting (the layout table depends only on the shape, the width and the outlier count). Each one is
-screened cheaply from prefix sums over the sorted rows; the first that passes is confirmed on the real
-reconstruction. A matrix that misses its floor even at the widest escalation width is returned marked
-`meets_floor=False`, never silently.
+Candidates are ordered by their exact honest size, which is known before any fitting (the layout table
+depends only on the shape, the width, the outlier count and, in mode V2a, the group and library sizes):
+- mode "v2": index width x outlier budget. Each one is screened cheaply from prefix sums over the sorted
+  rows; the first that passes is confirmed on the real reconstruction.
+- mode "v2a": index width x group size x outlier budget. Each one is fitted and assigned (one pooled fit
+  for L = 1) and screened from per-row sums taken during the assignment; the first that passes is packed
+  and confirmed on the real reconstruction.
+A matrix that misses its floor even at the widest escalation width is returned marked `meets_floor=False`,
+never silently: the candidate with the best statistic is kept.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ import torch
 from xfp.config import QuantConfig
 from xfp.errors import XFPError
 from xfp.format.pack import pack
-from xfp.format.reference import PackedV2, reconstruct
-from xfp.format.spec import V2Layout
-from xfp.quantize import lloyd, outliers
+from xfp.format.reference import Packed, PackedV2, decoded_ends_finite, reconstruct
+from xfp.format.spec import Layout, V2aLayout, V2Layout
+from xfp.quantize import library, lloyd, outliers
 from xfp.quantize.stats import all_statistics, cosine_from_sums, row_cosines, statistic
 
 FP16_MAX = 65504.0
@@ -35,7 +39,7 @@ class MatrixResult:
     """
 
     name: str
-    packed: PackedV2
+    packed: Packed
     reconstruction: torch.Tensor
     channel_cosines: torch.Tensor
     floor: float
@@ -45,18 +49,17 @@ class MatrixResult:
     tried: list[dict] = field(default_factory=list)
 
     @property
-    def layout(self) -> V2Layout:
+    def layout(self) -> Layout:
         return self.packed.layout
 
     def summary(self) -> dict:
-        """A JSON-ready row for reports."""
+        """A JSON-ready row for reports. Its "mode", "bits", "outliers" (and, in mode v2a, "group" and
+        "library") are `layout.entry()`: what quantization_config.matrices[name] needs to size the buffers."""
         lay = self.layout
         return {
             "name": self.name,
             "shape": [lay.rows, lay.cols],
-            "mode": "v2",
-            "bits": lay.bits,
-            "outliers": lay.n_outliers,
+            **lay.entry(),
             "bytes": lay.total_bytes,
             "bytes_by_part": lay.nbytes(),
             "honest_bits": lay.honest_bits,
@@ -91,14 +94,20 @@ class _OutlierSet:
     norm2: torch.Tensor  # [rows] float64: sum over the row's outliers of fp16(w)^2
 
 
-def _outlier_sets(w: torch.Tensor, rows: lloyd.SortedRows, config: QuantConfig) -> list[_OutlierSet]:
+def _outlier_positions(w: torch.Tensor, config: QuantConfig) -> list[torch.Tensor]:
+    """The distinct outlier sets of the budgets: [n] int64 flat positions each, ascending."""
+    found: dict[int, torch.Tensor] = {}
+    for budget in sorted(set(config.outliers.budgets)):
+        pos = outliers.select(w, config.outliers, budget)
+        found.setdefault(pos.numel(), pos)  # caps keep the largest first, so equal counts mean equal sets
+    return list(found.values())
+
+
+def _outlier_sets(w: torch.Tensor, rows: lloyd.SortedRows, positions: list[torch.Tensor]) -> list[_OutlierSet]:
     n_rows, n_cols = w.shape
     flat = w.reshape(-1)
     sets: dict[int, _OutlierSet] = {}
-    for budget in sorted(set(config.outliers.budgets)):
-        pos = outliers.select(w, config.outliers, budget)
-        if pos.numel() in sets:  # caps keep the largest first, so equal counts mean equal sets
-            continue
+    for pos in positions:
         is_out = torch.zeros(flat.numel(), dtype=torch.bool)
         is_out[pos] = True
         mass = (~is_out).reshape(n_rows, n_cols).gather(1, rows.order).to(torch.float32)
@@ -112,16 +121,20 @@ def _outlier_sets(w: torch.Tensor, rows: lloyd.SortedRows, config: QuantConfig) 
 
 
 def quantize_matrix(w: torch.Tensor, floor: float, config: QuantConfig, name: str = "tensor") -> MatrixResult:
-    """w: [out, in] floating -> the cheapest V2 matrix whose `config.statistic` cosine meets `floor`.
+    """w: [out, in] floating -> the cheapest matrix in `config.mode` whose `config.statistic` cosine meets
+    `floor` (or the best one, marked `meets_floor=False`).
 
     The input is never modified.
     """
     check_weight(w, name)
     w32 = w.detach().to(torch.float32, copy=True)
+    positions = _outlier_positions(w32, config)
+    if config.mode == "v2a":
+        return _quantize_v2a(name, w32, positions, floor, config)
     n_rows, n_cols = w32.shape
     rows = lloyd.sort_rows(w32)
     norm2_w = (w32.double() ** 2).sum(1)
-    sets = _outlier_sets(w32, rows, config)
+    sets = _outlier_sets(w32, rows, positions)
     tried: list[dict] = []
     best = None  # the highest screened statistic, kept in case no candidate meets the floor
     for widths in (config.bits, config.escalation_bits):
@@ -156,5 +169,69 @@ def _finish(name: str, w32: torch.Tensor, layout: V2Layout, oset: _OutlierSet, c
     cosines = row_cosines(w32, w_hat)
     stats = all_statistics(cosines)
     packed = PackedV2(layout.rows, layout.cols, layout.bits, pack(indices, layout.bits), codebook, pos32, val16)
+    meets = stats[config.statistic] >= floor
+    return MatrixResult(name, packed, w_hat, cosines, floor, config.statistic, stats, meets, list(tried))
+
+
+GROUPS_KEPT = 4
+"""Normalised matrices (one per group size x outlier set, with their cached histograms and sorted groups)
+auto-select keeps for reuse across widths; about 6 bytes per weight each, more when L > 1."""
+
+
+def _quantize_v2a(name: str, w32: torch.Tensor, positions: list[torch.Tensor], floor: float,
+                  config: QuantConfig) -> MatrixResult:
+    """Mode v2a: candidates width x group size x outlier set, cheapest first; each is screened from per-row
+    sums taken while assigning (the exact decoded values, summed in another order than `row_cosines`), and
+    the first that passes is confirmed on the real reconstruction."""
+    n_rows, n_cols = w32.shape
+    flat = w32.reshape(-1)
+    norm2_w = (w32.double() ** 2).sum(1)
+    outlier_sums = {}  # n -> (dot, norm2): [rows] float64 over the outliers, as put back in float16
+    for pos in positions:
+        val, val16, row = flat[pos].double(), flat[pos].half().double(), pos // n_cols
+        outlier_sums[pos.numel()] = (torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val * val16),
+                                     torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val16 * val16))
+    cache: dict[tuple[int, int], library.Groups] = {}
+    tried: list[dict] = []
+    best = None  # (screened statistic, candidate, outlier positions), kept in case none meets the floor
+    for widths in (config.bits, config.escalation_bits):
+        candidates = sorted(
+            ((V2aLayout(n_rows, n_cols, b, pos.numel(), g, config.library_size), pos)
+             for b in widths for g in config.group_size for pos in positions),
+            key=lambda c: (c[0].total_bytes, c[0].bits, c[0].group, c[0].n_outliers),
+        )
+        for layout, pos in candidates:
+            key = (layout.group, layout.n_outliers)
+            groups = cache.get(key)
+            if groups is None:
+                groups = library.normalise(w32, layout.group, library.outlier_mask((n_rows, n_cols), pos))
+                while len(cache) >= GROUPS_KEPT:
+                    cache.pop(next(iter(cache)))
+                cache[key] = groups
+            candidate = library.evaluate(layout, groups, config.lloyd_iterations)
+            out_dot, out_norm2 = outlier_sums[layout.n_outliers]
+            cos = cosine_from_sums(candidate.dot + out_dot, norm2_w, candidate.norm2 + out_norm2)
+            screened = statistic(cos, config.statistic)
+            tried.append({"bits": layout.bits, "group": layout.group, "outliers": layout.n_outliers,
+                          "bytes": layout.total_bytes, "screened": screened})
+            if screened >= floor:
+                result = _finish_v2a(name, w32, candidate, pos, floor, config, tried)
+                if result.meets_floor:
+                    return result
+            if best is None or screened > best[0]:
+                best = (screened, candidate, pos)
+    _, candidate, pos = best
+    return _finish_v2a(name, w32, candidate, pos, floor, config, tried)
+
+
+def _finish_v2a(name: str, w32: torch.Tensor, candidate: library.Candidate, pos: torch.Tensor, floor: float,
+                config: QuantConfig, tried: list[dict]) -> MatrixResult:
+    """Pack a v2a candidate and judge its real reconstruction exactly."""
+    packed, w_hat = library.build(candidate, pos.to(torch.int32), w32.reshape(-1)[pos].to(torch.float16))
+    if not decoded_ends_finite(packed.library, packed.scale, packed.offset, packed.ids):
+        raise XFPError(f"tensor '{name}': weights too close to the float16 limit for mode v2a "
+                       "(a group's decoded range overflows float16); quantize it in mode v2")
+    cosines = row_cosines(w32, w_hat)
+    stats = all_statistics(cosines)
     meets = stats[config.statistic] >= floor
     return MatrixResult(name, packed, w_hat, cosines, floor, config.statistic, stats, meets, list(tried))

@@ -1,9 +1,12 @@
-"""`XFPLinear`: a Linear layer whose weight is one stored XFP V2 matrix (docs/FORMAT.md).
+"""`XFPLinear`: a Linear layer whose weight is one stored XFP matrix, mode V2 or V2a (docs/FORMAT.md).
 
-The module holds the five stored tensors as buffers named exactly like the file's tensors
-(`<module>.xfp_codes`, `.xfp_codebook`, `.xfp_outlier_pos`, `.xfp_outlier_val`, `.xfp_meta`), so a folder's
-state dict loads into it with no renaming, plus an optional dense `bias`. The dense matrix is never kept:
-every forward hands the packed parts to the kernel chosen by `xfp.runtime.dispatch`.
+The module holds the stored tensors as buffers named exactly like the file's tensors (V2:
+`<module>.xfp_codes`, `.xfp_codebook`, `.xfp_outlier_pos`, `.xfp_outlier_val`, `.xfp_meta`; V2a: `.xfp_codes`,
+`.xfp_library`, `.xfp_scale`, `.xfp_offset`, `.xfp_ids`, `.xfp_outlier_pos`, `.xfp_outlier_val`, `.xfp_meta`),
+sized from the layout table (`xfp.format.spec`), so a folder's state dict loads into it with no renaming,
+plus an optional dense `bias`. The dense matrix is never kept: every forward of a V2 matrix hands the packed
+parts to the kernel chosen by `xfp.runtime.dispatch`; a V2a matrix takes the exact reference decode
+(`dispatch.reference_linear`) until kernels for it exist.
 """
 
 from __future__ import annotations
@@ -15,12 +18,11 @@ from torch import nn
 
 from xfp.errors import FormatError
 from xfp.format.io import validate_matrix
-from xfp.format.reference import PackedV2
-from xfp.format.spec import MODE_V2, PARTS, V2Layout, tensor_name
+from xfp.format.reference import Packed, PackedV2, PackedV2a
+from xfp.format.spec import Layout, make_layout, tensor_name
 from xfp.runtime import dispatch
 
 BUFFER_PREFIX = "xfp_"
-_FLOAT16_PARTS = ("codebook", "outlier_val")
 
 
 def buffer_name(part: str) -> str:
@@ -31,9 +33,11 @@ def buffer_name(part: str) -> str:
 class XFPLinear(nn.Module):
     """y = x @ W_hat.T + bias, with W_hat: [out_features, in_features] decoded from the stored parts.
 
-    Buffers (shapes from `V2Layout(out_features, in_features, bits, n_outliers)`):
-    xfp_codes [out, ceil(in*bits/8)] uint8, xfp_codebook [out, 2**bits] float16,
-    xfp_outlier_pos [n] int32, xfp_outlier_val [n] float16, xfp_meta [4] int32.
+    Buffers: `make_layout(mode, out_features, in_features, bits, n_outliers, group=, library=).tensors()`,
+    e.g. mode "v2": xfp_codes [out, ceil(in*bits/8)] uint8, xfp_codebook [out, 2**bits] float16,
+    xfp_outlier_pos [n] int32, xfp_outlier_val [n] float16, xfp_meta [4] int32; mode "v2a" (group and
+    library required): xfp_codes, xfp_library [library, 2**bits] float16, xfp_scale and xfp_offset
+    [out, ceil(in/group)] float16, xfp_ids [out, ceil(in/group) or 0] uint8, the outliers, xfp_meta [6] int32.
     bias: [out] in the model's dtype, or None.
 
     The float16 parts keep their dtype through `module.to(dtype)`, `.half()`, `.bfloat16()`...: they are the
@@ -41,20 +45,28 @@ class XFPLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, n_outliers: int, bias: bool = True, *,
+                 mode: str = "v2", group: int | None = None, library: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        layout = V2Layout(out_features, in_features, bits, n_outliers)  # raises ValueError on a bad shape
+        # raises ValueError on a bad shape, width, mode, group or library size
+        layout = make_layout(mode, out_features, in_features, bits, n_outliers, group=group, library=library)
+        self.layout: Layout = layout
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         for part, (part_dtype, shape) in layout.tensors().items():
             self.register_buffer(buffer_name(part), torch.zeros(shape, dtype=part_dtype, device=device))
-        self.xfp_meta = torch.tensor([MODE_V2, out_features, in_features, bits], dtype=torch.int32, device=device)
+        self.xfp_meta = layout.meta().to(device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._kernel_cache: dict = {}  # per-matrix kernel state (dispatch.state_for); not part of the state dict
+
+    @property
+    def mode(self) -> str:
+        return self.layout.mode
 
     @classmethod
-    def from_packed(cls, packed: PackedV2, bias: torch.Tensor | None = None) -> "XFPLinear":
+    def from_packed(cls, packed: Packed, bias: torch.Tensor | None = None) -> "XFPLinear":
         """A module holding `packed` (its tensors, not copies) and `bias`: [rows] (or None)."""
         layout = packed.layout
         parts = packed.tensors()
@@ -64,9 +76,11 @@ class XFPLinear(nn.Module):
                 raise ValueError(f"packed.{part} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
         if bias is not None and tuple(bias.shape) != (packed.rows,):
             raise ValueError(f"bias must have shape [{packed.rows}], got {list(bias.shape)}")
+        extra = layout.entry()
         module = cls(packed.cols, packed.rows, packed.bits, layout.n_outliers, bias is not None,
+                     mode=layout.mode, group=extra.get("group"), library=extra.get("library"),
                      device="meta", dtype=None if bias is None else bias.dtype)
-        for part in PARTS:
+        for part in layout.parts:
             setattr(module, buffer_name(part), parts[part].to(packed.codes.device))
         if bias is not None:
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
@@ -76,22 +90,30 @@ class XFPLinear(nn.Module):
     def n_outliers(self) -> int:
         return int(self.xfp_outlier_pos.numel())
 
-    def packed(self) -> PackedV2:
+    def packed(self) -> Packed:
         """The stored matrix (the module's own tensors, not copies)."""
-        return PackedV2(self.out_features, self.in_features, self.bits, self.xfp_codes, self.xfp_codebook,
-                        self.xfp_outlier_pos, self.xfp_outlier_val)
+        if self.layout.mode == "v2a":
+            return PackedV2a(self.out_features, self.in_features, self.bits, self.layout.group, self.xfp_codes,
+                             self.xfp_library, self.xfp_scale, self.xfp_offset, self.xfp_ids, self.xfp_outlier_pos,
+                             self.xfp_outlier_val)
+        b = self._buffers  # direct: this runs on every forward, and Module.__getattr__ is slow
+        return PackedV2(self.out_features, self.in_features, self.bits, b["xfp_codes"], b["xfp_codebook"],
+                        b["xfp_outlier_pos"], b["xfp_outlier_val"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] float -> [..., out_features] in x's dtype."""
-        return dispatch.linear(x, self.packed(), self.bias)
+        packed = self.packed()
+        if isinstance(packed, PackedV2a):  # no fused kernel for V2a yet: the exact reference decode
+            return dispatch.reference_linear(x, packed, self.bias)
+        return dispatch.linear(x, packed, self.bias, cache=self._kernel_cache)
 
-    def validate(self, path: str | Path, name: str) -> PackedV2:
+    def validate(self, path: str | Path, name: str) -> Packed:
         """Check the loaded buffers against docs/FORMAT.md and this layer's shape, or raise FormatError.
 
         path: the file or folder named in messages; name: the matrix's stored weight name
         (`model.layers.0.mlp.up_proj.weight`).
         """
-        parts = {part: getattr(self, buffer_name(part)) for part in PARTS}
+        parts = {part: getattr(self, buffer_name(part)) for part in self.layout.parts}
         packed = validate_matrix(Path(path), name, parts)
         stored = (packed.rows, packed.cols, packed.bits)
         expected = (self.out_features, self.in_features, self.bits)
@@ -99,24 +121,31 @@ class XFPLinear(nn.Module):
             raise FormatError(path, tensor_name(name, "meta"),
                               f"says {stored[0]}x{stored[1]} at {stored[2]} bits, but the layer is "
                               f"{expected[0]}x{expected[1]} at {expected[2]} bits")
+        shape_keys = ("mode", "group", "library")
+        stored_kind = {k: v for k, v in packed.layout.entry().items() if k in shape_keys}
+        expected_kind = {k: v for k, v in self.layout.entry().items() if k in shape_keys}
+        if stored_kind != expected_kind:
+            raise FormatError(path, tensor_name(name, "meta"),
+                              f"says {stored_kind}, but the layer was built for {expected_kind}")
         return packed
 
     def _apply(self, fn, recurse: bool = True):
         # Present the float16 parts as int16 so dtype casts (`to(dtype)`, `.half()`) skip them; device
         # moves and `to_empty` still apply. The bit patterns are untouched either way.
-        for part in _FLOAT16_PARTS:
-            name = buffer_name(part)
+        float16 = [buffer_name(part) for part, (dtype, _) in self.layout.tensors().items() if dtype == torch.float16]
+        for name in float16:
             self._buffers[name] = self._buffers[name].view(torch.int16)
         try:
             return super()._apply(fn, recurse)
         finally:
-            for part in _FLOAT16_PARTS:
-                name = buffer_name(part)
+            for name in float16:
                 self._buffers[name] = self._buffers[name].view(torch.float16)
 
     def extra_repr(self) -> str:
+        entry = self.layout.entry()
+        extra = f", mode=v2a, group={entry['group']}, library={entry['library']}" if self.mode == "v2a" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"outliers={self.n_outliers}, bias={self.bias is not None}")
+                f"outliers={self.n_outliers}{extra}, bias={self.bias is not None}")
 
 
 __all__ = ["XFPLinear", "buffer_name"]

@@ -1,0 +1,237 @@
+"""End-to-end greedy decode speed at batch 1: an XFP model against its source in torch float32 and bfloat16.
+
+For each model (the default SmolLM2-135M-Instruct; `--models default gemma` adds Gemma-3-270M): the XFP
+folder is quantized once with the default `QuantConfig()` into `$XFP_CACHE/bench/` (reused afterwards);
+the source is the float32 Hugging Face folder the package fetches. All variants run through transformers
+`generate` (greedy, KV cache, batch 1) at the same thread count, their runs interleaved:
+
+- XFP (`cpu` kernel), XFP with `XFP_KERNEL=reference` (decode every matrix every step: the baseline the
+  kernel replaces), source float32, source bfloat16;
+- optional, never in CI: llama.cpp through llama-cpp-python on the model's own GGUF, if it imports.
+
+Decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1), so the prompt's prefill is
+not counted. Also printed: weight bytes each decode step reads (matrices as stored, plus dense tensors used
+as matmuls, e.g. a tied lm_head), the thing that bounds batch-1 decode on a CPU.
+
+Usage: python benchmarks/decode_speed.py [--models default gemma] [--threads 1 2] [--tokens 64] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DOC_PLACEHOLDER = "<!-- decode_speed -->"
+PROMPT = ("The history of the city begins with a small settlement on the river, where traders from the north "
+          "and the south met to exchange grain, salt and cloth. Over the following centuries")
+MODELS = ("default", "gemma")
+REFERENCE_TOKENS = 6
+
+
+def model_paths(name: str) -> tuple[str, Path, Path]:
+    """(label, GGUF, float32 HF folder) of a named model."""
+    from xfp.sources import fetch
+
+    if name == "default":
+        return "SmolLM2-135M-Instruct", fetch.default_model_gguf(), fetch.default_model_hf()
+    if name == "gemma":
+        return "Gemma-3-270M", fetch.gemma_270m_gguf(), fetch.gemma_270m_hf()
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def xfp_folder(gguf: Path) -> Path:
+    """The XFP folder of `gguf` under the default config, quantized now if it is not cached yet."""
+    from xfp.config import QuantConfig
+    from xfp.pipeline import quantize_model
+    from xfp.pipeline.run import out_is_complete
+    from xfp.sources import cache_dir
+
+    out = cache_dir() / "bench" / f"{gguf.stem}-xfp"
+    if not out_is_complete(out):
+        print(f"quantizing {gguf.name} into {out} (once)", flush=True)
+        quantize_model(gguf, out, QuantConfig(), resume=out.exists(), force=False, progress=False)
+    return out
+
+
+@contextmanager
+def kernel(name: str | None):
+    old = os.environ.get("XFP_KERNEL")
+    if name is None:
+        os.environ.pop("XFP_KERNEL", None)
+    else:
+        os.environ["XFP_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("XFP_KERNEL", None)
+        else:
+            os.environ["XFP_KERNEL"] = old
+
+
+def weight_bytes_per_step(model: nn.Module) -> int:
+    """Bytes of weights one decode step multiplies with: XFP matrices as stored + dense Linear weights."""
+    from xfp.runtime import XFPLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, XFPLinear):
+            total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+@torch.no_grad()
+def generate_seconds(model, ids: torch.Tensor, n: int) -> float:
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                   pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None
+                   else model.config.pad_token_id)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def first_tokens(model, ids: torch.Tensor, n: int) -> list[int]:
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=model.config.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int):
+    """A callable(n) -> seconds generating n tokens greedily with llama.cpp, or None if it is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False)
+    eos = llm.token_eos()
+
+    def run(n: int) -> float:
+        llm.reset()
+        start = time.perf_counter()
+        llm.create_completion(PROMPT, max_tokens=n, temperature=0.0, top_k=1, logit_bias={eos: -1e9})
+        return time.perf_counter() - start
+
+    return run
+
+
+def measure(runners: dict, n: int, reps: int) -> dict[str, float]:
+    """Decode tokens/s of each runner (callable(n) -> seconds), repetitions interleaved."""
+    for run in runners.values():
+        run(2)  # warm-up (and kernel build / numba JIT, if any)
+    full = {k: [] for k in runners}
+    one = {k: [] for k in runners}
+    for _ in range(reps):
+        for name, run in runners.items():
+            one[name].append(run(1))
+            full[name].append(run(n))
+    pick = statistics.median if os.environ.get("XFP_BENCH_MEDIAN") else min  # see gemv.side_by_side
+    return {k: (n - 1) / max(1e-9, pick(full[k]) - pick(one[k])) for k in runners}
+
+
+def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference: bool) -> list[dict]:
+    from xfp.evaluate.generation import load_model
+    from xfp.runtime.kernels import cpu
+
+    label, gguf, hf = model_paths(name)
+    folder = xfp_folder(gguf)
+    xfp_model, tokenizer = load_model(folder)
+    src32, _ = load_model(hf)
+    src16, _ = load_model(hf)
+    src16 = src16.to(torch.bfloat16)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    agree = sum(a == b for a, b in zip(first_tokens(xfp_model, ids, 32), first_tokens(src32, ids, 32)))
+    mb = {"xfp": weight_bytes_per_step(xfp_model), "fp32": weight_bytes_per_step(src32),
+          "bf16": weight_bytes_per_step(src16)}
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+
+        def xfp_run(k: int) -> float:
+            with kernel(None):
+                return generate_seconds(xfp_model, ids, k)
+
+        def xfp_ref(k: int) -> float:
+            with kernel("reference"):
+                return generate_seconds(xfp_model, ids, k)
+
+        runners = {"xfp": xfp_run, "fp32": lambda k: generate_seconds(src32, ids, k),
+                   "bf16": lambda k: generate_seconds(src16, ids, k)}
+        llama = llama_cpp_runner(gguf, t, n_ctx=ids.shape[1] + n + 8)
+        if llama is not None:
+            runners["llama_cpp"] = llama
+        tps = measure(runners, n, reps)
+        if with_reference:  # ~1 tok/s: a few tokens, once, are enough to place it
+            tps["xfp_reference"] = measure({"xfp_reference": xfp_ref}, REFERENCE_TOKENS, 1)["xfp_reference"]
+        row = {"model": label, "threads": t, "tokens": n, "agree": agree, "gguf": gguf.name, "mb": mb,
+               "isa": cpu.isa(), **tps}
+        rows.append(row)
+        print(f"decode {label} {t}t: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in tps.items()) +
+              f"; xfp/fp32 {tps['xfp'] / tps['fp32']:.2f}x, xfp/bf16 {tps['xfp'] / tps['bf16']:.2f}x; "
+              f"weights/step MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in mb.items()) +
+              f"; first 32 greedy tokens equal to fp32: {agree}/32", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    has_llama = any("llama_cpp" in r for r in rows)
+    has_ref = any("xfp_reference" in r for r in rows)
+    lines = ["## End-to-end greedy decode, batch 1 (benchmarks/decode_speed.py)", "",
+             "transformers `generate`, greedy, KV cache; decode tokens/s excludes the prompt's prefill (best of "
+             "the repetitions, interleaved). "
+             "XFP = the default `QuantConfig()` folder of the model's GGUF, float32 activations. "
+             "'weights MB/step' = bytes of weights each step multiplies with (XFP matrices as stored; the tied "
+             "lm_head stays dense float32 in the XFP model because embeddings are not quantized by default).", "",
+             "| model | threads | XFP tok/s | fp32 tok/s | bf16 tok/s | XFP vs fp32 | XFP vs bf16 | "
+             + ("XFP reference-kernel tok/s | " if has_ref else "")
+             + ("llama.cpp tok/s | " if has_llama else "")
+             + "weights MB/step XFP / fp32 / bf16 | greedy tokens = fp32 (of 32) |",
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_ref else "") + ("---:|" if has_llama else "")
+             + "---|---:|"]
+    for r in rows:
+        cells = [r["model"], str(r["threads"]), f"{r['xfp']:.1f}", f"{r['fp32']:.1f}", f"{r['bf16']:.1f}",
+                 f"**{r['xfp'] / r['fp32']:.2f}x**", f"{r['xfp'] / r['bf16']:.2f}x"]
+        if has_ref:
+            cells.append(f"{r['xfp_reference']:.2f}" if "xfp_reference" in r else "-")
+        if has_llama:
+            cells.append(f"{r['llama_cpp']:.1f} ({r['gguf']})" if "llama_cpp" in r else "-")
+        cells += [" / ".join(f"{r['mb'][k] / 1e6:.0f}" for k in ("xfp", "fp32", "bf16")), str(r["agree"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not has_llama:
+        lines += ["", "llama.cpp: llama-cpp-python was not importable in this run (optional, not in CI)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, *, as_markdown: bool = False) -> str | None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=["default"])
+    ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}))
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-reference", action="store_true", help="skip the XFP reference-kernel column")
+    ap.add_argument("--quick", action="store_true", help="32 tokens, 2 repetitions")
+    args = ap.parse_args(argv)
+    n, reps = (32, 2) if args.quick else (args.tokens, args.reps)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.threads, n, reps, not args.no_reference)
+    doc = markdown(rows)
+    if as_markdown:
+        return doc
+    print()
+    print(doc)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""`xfp compare`: quality per honest bit of several methods on one source model, measured the same way.
+
+Fake quantization: each method's W_hat (the exact matrix its real decoder would give) is swapped into one
+transformers model of the source, tensor by tensor, by pointer (no copy for float32 W_hat, one upcast
+for float16 ones). All methods are quantized first and their W_hat kept in memory (methods x quantized
+weights x 2 or 4 bytes: ~0.2-0.4 GB per method for the 135M / 270M models); then the windows are scored
+once, window by window: the source runs once per window and every method right after it, so the source
+pass happens once per compare and no per-window logits are stored.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from xfp.errors import XFPError
+from xfp.evaluate import generation, models
+from xfp.evaluate.methods import FakeQuantized, MethodContext, MethodSpec, fake_quantize, quantized_names
+from xfp.evaluate.perplexity import token_windows
+from xfp.evaluate.scoring import score_windows
+
+
+class WeightSwap:
+    """One model whose quantized parameters can be set to the source's or to any method's W_hat."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        self.model = model
+        self.params = {}
+        for name in names:
+            try:
+                self.params[name] = model.get_parameter(name)
+            except AttributeError:
+                raise XFPError(f"the transformers model has no parameter '{name}' that the source stores") from None
+        self.original = {name: p.data for name, p in self.params.items()}
+        self._current: object = "source"
+
+    def activate(self, w_hat: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+        """Set every quantized parameter to `w_hat` (None: the source's) and return the model."""
+        key = "source" if w_hat is None else id(w_hat)
+        if key != self._current:
+            for name, param in self.params.items():
+                t = self.original[name] if w_hat is None else w_hat[name]
+                if t.shape != param.shape:
+                    raise XFPError(f"tensor '{name}': W_hat {tuple(t.shape)} does not fit {tuple(param.shape)}")
+                param.data = t if t.dtype == param.dtype else t.to(param.dtype)
+            self._current = key
+        return self.model
+
+
+@dataclass
+class Row:
+    """One line of the comparison. kl / top1 / delta_ppl are None for the source row; garbage is None when
+    the generation check was skipped."""
+
+    method: str
+    family: str
+    about: str
+    honest_bits: float | None
+    stored_bytes: int | None
+    weights: int | None
+    ppl: float
+    delta_ppl: float | None
+    kl: float | None
+    top1: float | None
+    quantize_s: float | None
+    eval_s: float
+    garbage: float | None = None
+    garbage_passed: bool | None = None
+
+
+def source_format_bits(src: Path, names: list[str]) -> dict | None:
+    """For a GGUF source: the storage types of the quantized tensors and their bits per weight as published."""
+    from xfp.sources.base import GGUF_MAGIC
+
+    if src.is_dir():
+        return None
+    with open(src, "rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            return None
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from xfp.sources.gguf_file import GGUFSource
+
+    gguf = GGUFSource(src)
+    known = set(gguf.tensor_names())
+    types: dict[str, int] = {}
+    stored = weights = 0
+    for name in names:
+        if name not in known:
+            continue
+        label = gguf.tensor_dtype(name)
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[label]]
+        n = math.prod(gguf.tensor_shape(name))
+        stored += n // block * size
+        weights += n
+        types[label] = types.get(label, 0) + 1
+    return {"types": types, "bits": 8.0 * stored / weights if weights else None}
+
+
+def run_compare(src: str | Path, methods: list[MethodSpec], *, text: str | Path | None = None, ctx: int = 512,
+                stride: int | None = None, max_windows: int | None = 32, garbage: bool = True,
+                prompts: tuple[str, ...] = generation.PROMPTS, progress: bool = True) -> dict:
+    """Quantize the source with every method, score all on the same windows; returns the JSON-ready result.
+
+    garbage: also run the generation sanity check (`generation.garbage_report`) on `prompts`.
+    """
+    began = time.perf_counter()
+    src_path = models.resolve(src)
+    folder = models.hf_folder(src_path)
+    from xfp.sources.base import open_source
+
+    source = open_source(folder)
+    config = source.config()
+    if "quantization_config" in config:
+        raise XFPError(f"{folder}: is already quantized ({config['quantization_config'].get('quant_method')}); "
+                       "compare needs the unquantized source")
+    model, tokenizer = models.load(folder)
+    names = quantized_names(source, config)
+    if not names:
+        raise XFPError(f"{src_path}: no tensor is classified for quantization")
+    swap = WeightSwap(model, names)
+    ids = models.text_ids(tokenizer, text)
+    bos = models.bos_to_prepend(tokenizer)
+    windows = token_windows(ids, ctx, ctx if stride is None else stride, max_windows, bos=bos is not None)
+
+    mctx = MethodContext(source=source, config=config, model=model)
+    quantized: dict[str, FakeQuantized] = {}
+    for spec in methods:
+        swap.activate(None)  # methods see the source model as it is
+        quantized[spec.name] = fake_quantize(spec, mctx, names, progress=progress)
+        if progress:
+            fq = quantized[spec.name]
+            print(f"  {spec.name}: {fq.honest_bits:.3f} honest bits, {fq.seconds:.1f} s", flush=True)
+
+    candidates = {name: (lambda fq=fq: swap.activate(fq.w_hat)) for name, fq in quantized.items()}
+    scores = score_windows(ids, windows, candidates, reference=lambda: swap.activate(None), bos_id=bos,
+                           progress=progress, desc="windows x models")
+
+    reports: dict[str, generation.GarbageReport] = {}
+    if garbage:
+        source_runs = generation.greedy_continuations(swap.activate(None), tokenizer, prompts, bos_id=bos)
+        for name, fq in tqdm(quantized.items(), desc="generation sanity", disable=not progress, unit="method"):
+            runs = generation.greedy_continuations(swap.activate(fq.w_hat), tokenizer, prompts, bos_id=bos)
+            judge = swap.activate(None)
+            reports[name] = generation.garbage_report(runs, source_runs,
+                                                      [generation.continuation_nll(judge, r) for r in runs],
+                                                      [generation.continuation_nll(judge, r) for r in source_runs],
+                                                      tokenizer)
+        reports["source"] = generation.garbage_report(source_runs, source_runs, None, None, tokenizer)
+
+    base = scores["source"]
+    rows = [Row("source", "source", "the source model as loaded (float32)", None, None, None, base.ppl, None, None,
+                None, None, base.seconds)]
+    for spec in methods:
+        fq, s = quantized[spec.name], scores[spec.name]
+        rows.append(Row(spec.name, spec.family, spec.about, fq.honest_bits, fq.stored_bytes, fq.weights, s.ppl,
+                        s.ppl - base.ppl, s.kl, s.top1, fq.seconds, s.seconds))
+    for row in rows:
+        if row.method in reports:
+            row.garbage, row.garbage_passed = reports[row.method].score, reports[row.method].passed
+    import transformers
+
+    import xfp
+
+    return {
+        "source": str(src_path),
+        "model_folder": str(folder),
+        "source_format": source_format_bits(src_path, names),
+        "text": str(text if text is not None else models.default_text()),
+        "ctx": ctx,
+        "stride": ctx if stride is None else stride,
+        "windows": len(windows),
+        "tokens": base.tokens,
+        "bos": None if bos is None else tokenizer.convert_ids_to_tokens(bos),
+        "quantized_tensors": len(names),
+        "rows": [asdict(row) for row in rows],
+        "garbage": {name: report.to_dict() for name, report in reports.items()},
+        "garbage_threshold": generation.GARBAGE_THRESHOLD,
+        "seconds": time.perf_counter() - began,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": {"xfp": xfp.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    }
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(result: dict) -> str:
+    """The rows as a Markdown table (also readable as plain text)."""
+    head = ("| method | honest bits | ppl | Δppl | KL (nats) | top-1 | garbage | quantize s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in result["rows"]:
+        g = "-" if r["garbage"] is None else f"{r['garbage']:.3f}{'' if r['garbage_passed'] else ' ✗'}"
+        lines.append(f"| {r['method']} | {_fmt(r['honest_bits'], '.3f')} | {r['ppl']:.3f} | "
+                     f"{_fmt(r['delta_ppl'], '+.3f')} | {_fmt(r['kl'], '.4f')} | {_fmt(r['top1'], '.3f')} | {g} | "
+                     f"{_fmt(r['quantize_s'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def describe(result: dict) -> str:
+    """One line saying what was measured."""
+    fmt = result.get("source_format")
+    published = ""
+    if fmt and fmt.get("bits"):
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(fmt["types"].items()))
+        published = f"; the quantized tensors were published as {types} ({fmt['bits']:.3f} bits/weight)"
+    bos = f"BOS {result['bos']} prepended to each window" if result["bos"] else "no BOS"
+    return (f"{Path(result['source']).name}: {result['windows']} windows of {result['ctx']} tokens (stride "
+            f"{result['stride']}, {bos}), {result['tokens']} scored tokens of {Path(result['text']).name}; "
+            f"{result['quantized_tensors']} quantized tensors{published}")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated by another (fewer or equal bits and lower or equal KL), by bits."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(result: dict, path: Path) -> None:
+    """KL (log) against honest bits, one marker per family, the Pareto front dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["kl"] is not None and r["honest_bits"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = {"rtn": "s", "nf": "^", "hqq": "D", "xfp": "o", "llama.cpp": "P"}
+    for family in sorted({r["family"] for r in rows}):
+        fam = sorted((r for r in rows if r["family"] == family), key=lambda r: r["honest_bits"])
+        ax.plot([r["honest_bits"] for r in fam], [max(r["kl"], 1e-6) for r in fam], marker=markers.get(family, "x"),
+                linestyle="-" if family == "xfp" else "none", label=family)
+        for r in fam:
+            ax.annotate(r["method"], (r["honest_bits"], max(r["kl"], 1e-6)), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    points = [(r["honest_bits"], max(r["kl"], 1e-6)) for r in rows]
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="gray",
+                linestyle="--", linewidth=0.8, label="Pareto front")
+    ax.set_yscale("log")
+    ax.set_xlabel("honest bits / weight (every stored byte of the quantized matrices)")
+    ax.set_ylabel("mean KL(source || method), nats / token")
+    ax.set_title(f"{Path(result['source']).name}: {result['windows']} x {result['ctx']} tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path) -> dict[str, Path]:
+    """compare.json, compare.md (the table) and pareto.png into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "compare.json", "table": out / "compare.md", "plot": out / "pareto.png"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    paths["table"].write_text(f"{describe(result)}\n\n{format_table(result)}\n", encoding="utf-8")
+    plot_pareto(result, paths["plot"])
+    return paths

@@ -1,0 +1,227 @@
+// AVX-512 kernels (F, BW, VL, DQ + FMA, F16C): 16 float32 lanes.
+//
+// A row's codebook is converted to float32 once per row and kept in registers (2..6 bits) or in a
+// stack table (8 bits); a group of 16 indices becomes 16 weights by one permute (vpermps/vpermt2ps) or
+// a gather (8 bits), and meets x in one FMA. Indices come out of the packed bytes by
+//   general (3, 5, 6, 8 bits): broadcast 16 bytes, vpshufb the 2-byte window of each lane, vpsrlvd;
+//   4 and 2 bits: vpmovzxbd of 16 bytes, then shifts by 0/4 (0/2/4/6) give 32 (64) weights in
+//   2 (4) phases, x being permuted to match once per call (see Activations in v2.h).
+// Index bits above `bits` left in a lane are ignored by the lookups (tables of fewer than 16 entries are
+// repeated over 16 lanes), so no masking is needed.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "v2.h"
+
+namespace xfp {
+namespace {
+
+constexpr int L = 16;
+
+template <int B>
+struct Luts {
+  __m512 t[B <= 4 ? 1 : (B == 5 ? 2 : 4)];
+  alignas(64) float table[B == 8 ? 256 : 16];
+};
+
+template <int B>
+inline void load_luts(const uint16_t* cb, Luts<B>& l) {
+  if constexpr (B == 4) {
+    l.t[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb)));
+  } else if constexpr (B < 4) {  // 2**B entries, repeated over the 16 lanes
+    const __m512 t = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << (1 << B)) - 1u), cb));
+    l.t[0] = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                    _mm512_set1_epi32((1 << B) - 1)), t);
+  } else if constexpr (B <= 6) {
+    for (int i = 0; i < (1 << (B - 4)); ++i)
+      l.t[i] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + 16 * i)));
+  } else {
+    for (int i = 0; i < 16; ++i)
+      _mm512_store_ps(l.table + 16 * i,
+                      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + 16 * i))));
+  }
+}
+
+template <int B>
+inline __m512 lookup(__m512i idx, const Luts<B>& l) {
+  if constexpr (B <= 4) {
+    return _mm512_permutexvar_ps(idx, l.t[0]);  // uses index bits 0..3
+  } else if constexpr (B == 5) {
+    return _mm512_permutex2var_ps(l.t[0], idx, l.t[1]);  // bits 0..4
+  } else if constexpr (B == 6) {
+    const __m512 lo = _mm512_permutex2var_ps(l.t[0], idx, l.t[1]);
+    const __m512 hi = _mm512_permutex2var_ps(l.t[2], idx, l.t[3]);
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);
+  } else {
+    return _mm512_i32gather_ps(idx, l.table, 4);  // idx < 256: the unpacker reads one byte per lane
+  }
+}
+
+// 16 indices in natural order from the 2*B bytes at p (16 bytes must be readable there).
+template <int B>
+struct Unpacker {
+  __m512i shuf, shift;
+  Unpacker() {
+    alignas(64) int8_t s[64];
+    alignas(64) int32_t sh[16];
+    for (int k = 0; k < 16; ++k) {
+      const int bit = k * B, off = bit >> 3;
+      s[4 * k] = int8_t(off);
+      s[4 * k + 1] = (bit & 7) + B > 8 ? int8_t(off + 1) : int8_t(-128);  // -128: vpshufb writes 0
+      s[4 * k + 2] = s[4 * k + 3] = int8_t(-128);
+      sh[k] = bit & 7;
+    }
+    shuf = _mm512_load_si512(s);
+    shift = _mm512_load_si512(sh);
+  }
+  inline __m512i operator()(const uint8_t* p) const {
+    const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_srlv_epi32(_mm512_shuffle_epi8(v, shuf), shift);
+  }
+};
+
+// Points at `len` bytes from p if 16 can be read there, else at a zero-padded copy in `tail`.
+inline const uint8_t* readable16(const uint8_t* p, int64_t len, uint8_t* tail) {
+  if (len >= 16) return p;
+  std::memset(tail, 0, 16);
+  std::memcpy(tail, p, size_t(len));
+  return tail;
+}
+
+// out[i] = sum over the row of W[c] * x_i[c] (outliers excluded), 3/5/6/8 bits, natural order.
+template <int B, int NM>
+inline void dot_general(const uint8_t* row, int64_t row_bytes, int cols, const Luts<B>& l,
+                        const Unpacker<B>& u, const Activations& a, float* out) {
+  constexpr int GB = 2 * B;  // bytes per group of 16
+  const int64_t groups = (cols + L - 1) / L;
+  int64_t safe = row_bytes >= 16 ? (row_bytes - 16) / GB + 1 : 0;  // groups whose 16-byte read stays in the row
+  if (safe > groups) safe = groups;
+  __m512 acc0[NM], acc1[NM];
+  for (int i = 0; i < NM; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= safe; g += 2) {
+    const __m512 w0 = lookup<B>(u(row + g * GB), l);
+    const __m512 w1 = lookup<B>(u(row + (g + 1) * GB), l);
+    for (int i = 0; i < NM; ++i) {
+      const float* x = a.xs + i * a.xs_stride + g * L;
+      acc0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + L), acc1[i]);
+    }
+  }
+  alignas(16) uint8_t tail[16];
+  for (; g < groups; ++g) {
+    const __m512 w = lookup<B>(u(readable16(row + g * GB, row_bytes - g * GB, tail)), l);
+    for (int i = 0; i < NM; ++i)
+      acc0[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.xs + i * a.xs_stride + g * L), acc0[i]);
+  }
+  for (int i = 0; i < NM; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
+}
+
+// 4 bits (P = 2) or 2 bits (P = 4): 16 bytes hold P*16 indices; phase s of byte k is column 16*P*t + k*P + s.
+template <int B, int NM>
+inline void dot_phased(const uint8_t* row, int64_t row_bytes, int cols, const Luts<B>& l, const Activations& a,
+                       float* out) {
+  constexpr int P = 8 / B;
+  const int64_t blocks = (cols + P * L - 1) / (P * L);
+  __m512 acc[NM][P];
+  for (int i = 0; i < NM; ++i)
+    for (int s = 0; s < P; ++s) acc[i][s] = _mm512_setzero_ps();
+  alignas(16) uint8_t tail[16];
+  for (int64_t t = 0; t < blocks; ++t) {
+    const uint8_t* p = readable16(row + 16 * t, row_bytes - 16 * t, tail);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    for (int s = 0; s < P; ++s) {
+      const __m512 w = lookup<B>(s ? _mm512_srli_epi32(v, s * B) : v, l);
+      for (int i = 0; i < NM; ++i)
+        acc[i][s] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.xs + i * a.xs_stride + t * P * L + s * L), acc[i][s]);
+    }
+  }
+  for (int i = 0; i < NM; ++i) {
+    __m512 sum = acc[i][0];
+    for (int s = 1; s < P; ++s) sum = _mm512_add_ps(sum, acc[i][s]);
+    out[i] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+template <int B, int NM>
+void gemv_rows_t(const V2Matrix& w, const Activations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  const Unpacker<B> u;
+  Luts<B> l;
+  float out[NM];
+  for (int64_t r = r0; r < r1; ++r) {
+    load_luts<B>(w.codebook + (r << B), l);
+    const uint8_t* row = w.codes + r * w.row_bytes;
+    if constexpr (B == 2 || B == 4)
+      dot_phased<B, NM>(row, w.row_bytes, w.cols, l, a, out);
+    else
+      dot_general<B, NM>(row, w.row_bytes, w.cols, l, u, a, out);
+    for (int32_t o = w.ol_rowptr[r]; o < w.ol_rowptr[r + 1]; ++o) {
+      const float d = w.ol_delta[o];
+      const int32_t c = w.ol_col[o];
+      for (int i = 0; i < NM; ++i) out[i] += d * a.x[i * a.ldx + c];
+    }
+    for (int i = 0; i < NM; ++i) y[i * ldy + r] = out[i];
+  }
+}
+
+template <int B>
+void decode_rows_t(const V2Matrix& w, float* out, int64_t ldo, int64_t r0, int64_t r1) {
+  constexpr int GB = 2 * B;
+  const Unpacker<B> u;
+  Luts<B> l;
+  const int64_t groups = (w.cols + L - 1) / L;
+  const __mmask16 last = __mmask16((1u << (w.cols - (groups - 1) * L)) - 1u);
+  alignas(16) uint8_t tail[16];
+  for (int64_t r = r0; r < r1; ++r) {
+    load_luts<B>(w.codebook + (r << B), l);
+    const uint8_t* row = w.codes + r * w.row_bytes;
+    float* o = out + (r - r0) * ldo;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 v = lookup<B>(u(readable16(row + g * GB, w.row_bytes - g * GB, tail)), l);
+      if (g + 1 < groups)
+        _mm512_storeu_ps(o + g * L, v);
+      else
+        _mm512_mask_storeu_ps(o + g * L, last, v);
+    }
+    for (int32_t k = w.ol_rowptr[r]; k < w.ol_rowptr[r + 1]; ++k) o[w.ol_col[k]] = w.ol_val[k];
+  }
+}
+
+template <int B>
+void gemv_rows_b(const V2Matrix& w, const Activations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  switch (a.m) {
+    case 1: return gemv_rows_t<B, 1>(w, a, y, ldy, r0, r1);
+    case 2: return gemv_rows_t<B, 2>(w, a, y, ldy, r0, r1);
+    case 3: return gemv_rows_t<B, 3>(w, a, y, ldy, r0, r1);
+    default: return gemv_rows_t<B, 4>(w, a, y, ldy, r0, r1);
+  }
+}
+
+void gemv_rows(const V2Matrix& w, const Activations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  switch (w.bits) {
+    case 2: return gemv_rows_b<2>(w, a, y, ldy, r0, r1);
+    case 3: return gemv_rows_b<3>(w, a, y, ldy, r0, r1);
+    case 4: return gemv_rows_b<4>(w, a, y, ldy, r0, r1);
+    case 5: return gemv_rows_b<5>(w, a, y, ldy, r0, r1);
+    case 6: return gemv_rows_b<6>(w, a, y, ldy, r0, r1);
+    default: return gemv_rows_b<8>(w, a, y, ldy, r0, r1);
+  }
+}
+
+void decode_rows(const V2Matrix& w, float* out, int64_t ldo, int64_t r0, int64_t r1) {
+  switch (w.bits) {
+    case 2: return decode_rows_t<2>(w, out, ldo, r0, r1);
+    case 3: return decode_rows_t<3>(w, out, ldo, r0, r1);
+    case 4: return decode_rows_t<4>(w, out, ldo, r0, r1);
+    case 5: return decode_rows_t<5>(w, out, ldo, r0, r1);
+    case 6: return decode_rows_t<6>(w, out, ldo, r0, r1);
+    default: return decode_rows_t<8>(w, out, ldo, r0, r1);
+  }
+}
+
+}  // namespace
+
+IsaKernels avx512_kernels() { return {L, {1, 1, 4, 1, 2, 1, 1, 1, 1}, gemv_rows, decode_rows}; }
+
+}  // namespace xfp

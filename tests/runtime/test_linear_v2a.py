@@ -1,0 +1,71 @@
+"""XFPLinear holding a mode V2a matrix: buffers from the layout table, the exact reference decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xfp.config import QuantConfig
+from xfp.errors import FormatError
+from xfp.format.reference import decode
+from xfp.quantize.autoselect import quantize_matrix
+from xfp.runtime import XFPLinear
+from xfp.runtime import dispatch
+
+
+def v2a_packed(rows=24, cols=100, library_size=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[2, 7] = 1.0
+    cfg = QuantConfig(mode="v2a", bits=(3,), group_size=(32,), library_size=library_size)
+    return quantize_matrix(w, 0.5, cfg, "m").packed
+
+
+@pytest.mark.parametrize("library_size", [1, 4])
+@pytest.mark.parametrize("kernel", ["auto", "reference", "cpu"])
+def test_forward_is_exactly_the_decoded_linear_whatever_the_kernel_setting(monkeypatch, library_size, kernel):
+    monkeypatch.setenv(dispatch.ENV_VAR, kernel)  # no kernel serves v2a yet: always the reference decode
+    packed = v2a_packed(library_size=library_size)
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(24, generator=g)
+    layer = XFPLinear.from_packed(packed, bias)
+    x = torch.randn(3, 5, 100, generator=g)
+    torch.testing.assert_close(layer(x), F.linear(x, decode(packed).float(), bias), rtol=0, atol=0)
+    assert "mode=v2a, group=32" in repr(layer)
+
+
+def test_buffers_come_from_the_layout_and_load_from_a_state_dict():
+    packed = v2a_packed()
+    source = XFPLinear.from_packed(packed, None)
+    names = {f"xfp_{part}" for part in packed.layout.parts}
+    assert set(source.state_dict()) == names
+    layer = XFPLinear(100, 24, 3, packed.layout.n_outliers, bias=False, mode="v2a", group=32, library=4,
+                      device="meta")
+    for name, (dtype, shape) in packed.layout.tensors().items():
+        buf = getattr(layer, f"xfp_{name}")
+        assert buf.dtype == dtype and tuple(buf.shape) == shape
+    layer = layer.to_empty(device="cpu")
+    layer.load_state_dict(source.state_dict())
+    layer.validate("m.safetensors", "m.weight")
+    assert torch.equal(decode(layer.packed()), decode(packed))
+
+
+def test_dtype_casts_leave_the_float16_parts_alone():
+    packed = v2a_packed()
+    layer = XFPLinear.from_packed(packed, torch.zeros(24)).to(torch.bfloat16)
+    for part in ("library", "scale", "offset", "outlier_val"):
+        assert getattr(layer, f"xfp_{part}").dtype == torch.float16
+        assert torch.equal(getattr(layer, f"xfp_{part}"), getattr(packed, part))
+    assert layer(torch.randn(2, 100).bfloat16()).dtype == torch.bfloat16
+
+
+def test_validate_refuses_a_matrix_of_another_layout():
+    packed = v2a_packed()
+    layer = XFPLinear.from_packed(packed, None)
+    with torch.no_grad():
+        layer.xfp_scale[0, 0] = -1.0
+    with pytest.raises(FormatError, match=r"m\.xfp_scale.*>= 0"):
+        layer.validate("f.safetensors", "m.weight")
+    with pytest.raises(ValueError, match="group"):
+        XFPLinear(100, 24, 3, 0, mode="v2a")
