@@ -113,11 +113,34 @@ def honest_bits(path: Path, hf_names: list[str]) -> tuple[float, int, int, dict[
     return 8.0 * stored / weights, stored, weights, types
 
 
+def without_extra_buffer_types(llama_cpp) -> None:
+    """Load models with `use_extra_bufts = False` (llama-cpp-python's Llama does not expose it).
+
+    The extra buffer types repack weights for AMX / other special kernels. On a VM that advertises AMX but
+    does not let a process use it (seen here: SIGILL on `tilezero` in ggml_backend_amx_mul_mat), they crash
+    the first matmul; the plain CPU path computes the same thing.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+    if getattr(default, "_xfp_patched", False):
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params._xfp_patched = True
+    lib.llama_model_default_params = params
+
+
 class LlamaCppLM(torch.nn.Module):
     """A llama.cpp model behind the `model(x).logits` interface `score_windows` calls."""
 
     def __init__(self, llama_cpp, path: Path, n_ctx: int, threads: int):
         super().__init__()
+        without_extra_buffer_types(llama_cpp)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                                    n_threads=threads, verbose=False)
 

@@ -60,10 +60,8 @@ def run_one(alias: str, args) -> dict:
         return result
     specs = methods.parse_methods(args.methods)
     print(f"{alias}: compare {', '.join(s.name for s in specs)}", flush=True)
-    result = compare.run_compare(alias, specs, ctx=args.ctx, max_windows=args.max_windows,
-                                 progress=not args.no_progress)
-    compare.write_outputs(result, out)
-    return result
+    return compare.run_compare(alias, specs, ctx=args.ctx, max_windows=args.max_windows, out=out, resume=True,
+                               progress=not args.no_progress)
 
 
 def merged_rows(alias: str, result: dict) -> list[dict]:

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-windows", type=int, default=32, help="windows scored (default 32)")
     c.add_argument("--no-garbage", action="store_true", help="skip the generation sanity check")
     c.add_argument("--out", help="folder for compare.json, compare.md, pareto.png (default out/compare-<source>)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted compare with the same settings from OUT/.compare-work")
     c.add_argument("--no-progress", action="store_true")
     return p
 
@@ -268,14 +270,13 @@ def cmd_compare(args) -> int:
     if not args.src:
         raise XFPError("compare needs SRC (a model folder, a GGUF file, smollm2 or gemma-270m)")
     specs = methods.parse_methods(args.methods)
+    out = Path(args.out or f"out/compare-{Path(str(args.src)).stem}")
     result = compare.run_compare(args.src, specs, text=args.text, ctx=args.ctx, stride=args.stride,
-                                 max_windows=args.max_windows, garbage=not args.no_garbage,
-                                 progress=not args.no_progress)
-    out = Path(args.out or f"out/compare-{Path(result['source']).stem}")
-    paths = compare.write_outputs(result, out)
+                                 max_windows=args.max_windows, garbage=not args.no_garbage, out=out,
+                                 resume=args.resume, progress=not args.no_progress)
     print(compare.describe(result))
     print(compare.format_table(result))
-    print(f"{result['seconds']:.0f} s; wrote {paths['table']}, {paths['json']}, {paths['plot']}")
+    print(f"{result['seconds']:.0f} s; wrote {out}/compare.md, compare.json, pareto.png")
     return 0
 
 

@@ -126,3 +126,35 @@ def test_eval_reads_an_xfp_folder_and_compare_refuses_it(tiny_lm, text_file, tmp
     assert 0 < kl < 0.05  # floor 0.99 keeps the tiny model close to its source
     assert main(["compare", str(out), "--methods", "rtn4-g64", "--no-progress"]) == 2
     assert "already quantized (xfp)" in capsys.readouterr().err
+
+
+def test_an_interrupted_compare_resumes_where_it_stopped(tiny_lm, text_file, tmp_path, monkeypatch):
+    specs = [methods.get("rtn3-g64"), methods.get("nf4-g64")]
+    kwargs = dict(text=text_file, ctx=32, max_windows=4, garbage=False, progress=False)
+    fresh = compare.run_compare(tiny_lm, specs, **kwargs)
+
+    real, calls = compare.score_windows, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    out = tmp_path / "cmp"
+    monkeypatch.setattr(compare, "score_windows", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(tiny_lm, specs, out=out, **kwargs)
+    assert (out / ".compare-work" / "journal.jsonl").exists() and not (out / "compare.json").exists()
+    calls.clear()
+    monkeypatch.setattr(compare, "score_windows", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    resumed = compare.run_compare(tiny_lm, specs, out=out, resume=True, **kwargs)
+    assert len(calls) == 2  # the two windows the first run had not finished
+    assert resumed["resumed"] and not (out / ".compare-work").exists() and (out / "compare.json").exists()
+    for a, b in zip(fresh["rows"], resumed["rows"]):
+        assert (a["method"], a["ppl"], a["kl"], a["top1"], a["honest_bits"]) == \
+            (b["method"], b["ppl"], b["kl"], b["top1"], b["honest_bits"])
+    # other settings: the journal is not reused
+    calls.clear()
+    compare.run_compare(tiny_lm, specs[:1], out=out, resume=True, **kwargs)
+    assert len(calls) == 4

@@ -5,7 +5,9 @@ transformers model of the source, tensor by tensor, by pointer (no copy for floa
 for float16 ones). All methods are quantized first and their W_hat kept in memory (methods x quantized
 weights x 2 or 4 bytes: ~0.2-0.4 GB per method for the 135M / 270M models); then the windows are scored
 once, window by window: the source runs once per window and every method right after it, so the source
-pass happens once per compare and no per-window logits are stored.
+pass happens once per compare and no per-window logits are stored. Finished windows and generation checks
+are journaled under OUT/.compare-work, so `--resume` continues an interrupted run (a full compare of the
+default method set takes about an hour on two CPU cores).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from xfp.errors import XFPError
 from xfp.evaluate import generation, models
 from xfp.evaluate.methods import FakeQuantized, MethodContext, MethodSpec, fake_quantize, quantized_names
 from xfp.evaluate.perplexity import token_windows
-from xfp.evaluate.scoring import score_windows
+from xfp.evaluate.scoring import Scores, score_windows
 
 
 class WeightSwap:
@@ -105,12 +107,63 @@ def source_format_bits(src: Path, names: list[str]) -> dict | None:
     return {"types": types, "bits": 8.0 * stored / weights if weights else None}
 
 
+class Journal:
+    """Finished work of one compare, appended line by line to `<out>/.compare-work/journal.jsonl`.
+
+    The first line holds the run's settings (source fingerprint, text, windows, methods, prompts, xfp
+    version). With `resume`, a journal whose settings are equal is read back, so an interrupted compare
+    only redoes what is missing (quantization is recomputed when a method still has work: it is
+    deterministic); any other journal is started afresh. Without a folder everything stays in memory.
+    """
+
+    def __init__(self, folder: Path | None, settings: dict, resume: bool):
+        self.path = None if folder is None else Path(folder) / ".compare-work" / "journal.jsonl"
+        self.records: dict[tuple[str, str], object] = {}
+        if self.path is None:
+            return
+        head = json.dumps({"settings": settings}, sort_keys=True)
+        if resume and self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            if lines and lines[0] == head:
+                for line in lines[1:]:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line torn by the interruption: drop it and the rest
+                        break
+                    self.records[(record["kind"], record["key"])] = record["data"]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as handle:  # rewritten: settings + the good records
+            handle.write(head + "\n")
+            for (kind, key), data in self.records.items():
+                handle.write(json.dumps({"kind": kind, "key": key, "data": data}) + "\n")
+
+    def get(self, kind: str, key: str) -> object | None:
+        return self.records.get((kind, str(key)))
+
+    def add(self, kind: str, key: str, data: object) -> None:
+        self.records[(kind, str(key))] = data
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"kind": kind, "key": str(key), "data": data}) + "\n")
+
+    def finish(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+            try:
+                self.path.parent.rmdir()
+            except OSError:
+                pass
+
+
 def run_compare(src: str | Path, methods: list[MethodSpec], *, text: str | Path | None = None, ctx: int = 512,
                 stride: int | None = None, max_windows: int | None = 32, garbage: bool = True,
-                prompts: tuple[str, ...] = generation.PROMPTS, progress: bool = True) -> dict:
+                prompts: tuple[str, ...] = generation.PROMPTS, out: str | Path | None = None, resume: bool = False,
+                progress: bool = True) -> dict:
     """Quantize the source with every method, score all on the same windows; returns the JSON-ready result.
 
     garbage: also run the generation sanity check (`generation.garbage_report`) on `prompts`.
+    out: write compare.json / compare.md / pareto.png there at the end, and journal finished work under
+    `out/.compare-work` meanwhile; resume: continue an interrupted compare with the same settings.
     """
     began = time.perf_counter()
     src_path = models.resolve(src)
@@ -127,54 +180,80 @@ def run_compare(src: str | Path, methods: list[MethodSpec], *, text: str | Path 
     if not names:
         raise XFPError(f"{src_path}: no tensor is classified for quantization")
     swap = WeightSwap(model, names)
-    ids = models.text_ids(tokenizer, text)
+    text_path = Path(text) if text is not None else models.default_text()
+    ids = models.text_ids(tokenizer, text_path)
     bos = models.bos_to_prepend(tokenizer)
     windows = token_windows(ids, ctx, ctx if stride is None else stride, max_windows, bos=bos is not None)
+    import xfp
 
+    settings = {"source": str(src_path), "fingerprint": source.fingerprint(), "text": str(text_path),
+                "text_tokens": len(ids), "windows": [list(w) for w in windows], "bos": bos,
+                "methods": [m.name for m in methods], "garbage": garbage, "prompts": list(prompts),
+                "xfp": xfp.__version__}
+    journal = Journal(None if out is None else Path(out), settings, resume)
+
+    todo_windows = [i for i in range(len(windows)) if journal.get("window", i) is None]
+    needs_garbage = {m.name for m in methods if garbage and journal.get("garbage", m.name) is None}
     mctx = MethodContext(source=source, config=config, model=model)
     quantized: dict[str, FakeQuantized] = {}
     for spec in methods:
+        if not todo_windows and spec.name not in needs_garbage:
+            continue
         swap.activate(None)  # methods see the source model as it is
-        quantized[spec.name] = fake_quantize(spec, mctx, names, progress=progress)
+        fq = fake_quantize(spec, mctx, names, progress=progress)
+        quantized[spec.name] = fq
+        if journal.get("quantized", spec.name) is None:
+            journal.add("quantized", spec.name, {"stored_bytes": fq.stored_bytes, "weights": fq.weights,
+                                                 "seconds": fq.seconds})
         if progress:
-            fq = quantized[spec.name]
             print(f"  {spec.name}: {fq.honest_bits:.3f} honest bits, {fq.seconds:.1f} s", flush=True)
 
     candidates = {name: (lambda fq=fq: swap.activate(fq.w_hat)) for name, fq in quantized.items()}
-    scores = score_windows(ids, windows, candidates, reference=lambda: swap.activate(None), bos_id=bos,
-                           progress=progress, desc="windows x models")
+    for i in tqdm(todo_windows, desc=f"windows (source + {len(methods)} methods)", disable=not progress,
+                  unit="window"):
+        one = score_windows(ids, [windows[i]], candidates, reference=lambda: swap.activate(None), bos_id=bos,
+                            progress=False)
+        journal.add("window", i, {name: s.sums() for name, s in one.items()})
+    scores = {name: Scores(name) for name in ["source"] + [m.name for m in methods]}
+    for i in range(len(windows)):
+        for name, sums in journal.get("window", i).items():
+            scores[name].add(Scores.from_sums(name, sums))
 
     reports: dict[str, generation.GarbageReport] = {}
     if garbage:
         source_runs = generation.greedy_continuations(swap.activate(None), tokenizer, prompts, bos_id=bos)
-        for name, fq in tqdm(quantized.items(), desc="generation sanity", disable=not progress, unit="method"):
-            runs = generation.greedy_continuations(swap.activate(fq.w_hat), tokenizer, prompts, bos_id=bos)
-            judge = swap.activate(None)
-            reports[name] = generation.garbage_report(runs, source_runs,
-                                                      [generation.continuation_nll(judge, r) for r in runs],
-                                                      [generation.continuation_nll(judge, r) for r in source_runs],
-                                                      tokenizer)
+        source_nll = None
+        for spec in tqdm(methods, desc="generation sanity", disable=not progress, unit="method"):
+            if spec.name in needs_garbage:
+                runs = generation.greedy_continuations(swap.activate(quantized[spec.name].w_hat), tokenizer, prompts,
+                                                       bos_id=bos)
+                judge = swap.activate(None)
+                if source_nll is None:
+                    source_nll = [generation.continuation_nll(judge, r) for r in source_runs]
+                report = generation.garbage_report(runs, source_runs,
+                                                   [generation.continuation_nll(judge, r) for r in runs], source_nll,
+                                                   tokenizer)
+                journal.add("garbage", spec.name, report.to_dict())
+            reports[spec.name] = generation.GarbageReport(**journal.get("garbage", spec.name))
         reports["source"] = generation.garbage_report(source_runs, source_runs, None, None, tokenizer)
 
     base = scores["source"]
     rows = [Row("source", "source", "the source model as loaded (float32)", None, None, None, base.ppl, None, None,
                 None, None, base.seconds)]
     for spec in methods:
-        fq, s = quantized[spec.name], scores[spec.name]
-        rows.append(Row(spec.name, spec.family, spec.about, fq.honest_bits, fq.stored_bytes, fq.weights, s.ppl,
-                        s.ppl - base.ppl, s.kl, s.top1, fq.seconds, s.seconds))
+        q, s = journal.get("quantized", spec.name), scores[spec.name]
+        rows.append(Row(spec.name, spec.family, spec.about, 8.0 * q["stored_bytes"] / q["weights"], q["stored_bytes"],
+                        q["weights"], s.ppl, s.ppl - base.ppl, s.kl, s.top1, q["seconds"], s.seconds))
     for row in rows:
         if row.method in reports:
             row.garbage, row.garbage_passed = reports[row.method].score, reports[row.method].passed
     import transformers
 
-    import xfp
-
-    return {
+    result = {
         "source": str(src_path),
         "model_folder": str(folder),
         "source_format": source_format_bits(src_path, names),
-        "text": str(text if text is not None else models.default_text()),
+        "text": str(text_path),
         "ctx": ctx,
         "stride": ctx if stride is None else stride,
         "windows": len(windows),
@@ -185,11 +264,16 @@ def run_compare(src: str | Path, methods: list[MethodSpec], *, text: str | Path 
         "garbage": {name: report.to_dict() for name, report in reports.items()},
         "garbage_threshold": generation.GARBAGE_THRESHOLD,
         "seconds": time.perf_counter() - began,
+        "resumed": len(todo_windows) < len(windows) or (garbage and len(needs_garbage) < len(methods)),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": {"xfp": xfp.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
     }
+    if out is not None:
+        write_outputs(result, Path(out))
+        journal.finish()
+    return result
 
 
 # -- output ---------------------------------------------------------------------------------------

@@ -63,6 +63,24 @@ class Scores:
         """Fraction of scored positions where the model's argmax equals the reference's."""
         return None if self.top1_hits is None or not self.tokens else self.top1_hits / self.tokens
 
+    def sums(self) -> list:
+        """[nll_sum, tokens, windows, kl_sum, top1_hits, seconds]: what `from_sums` rebuilds (journals)."""
+        return [self.nll_sum, self.tokens, self.windows, self.kl_sum, self.top1_hits, self.seconds]
+
+    @classmethod
+    def from_sums(cls, name: str, sums: list) -> "Scores":
+        return cls(name, *sums)
+
+    def add(self, other: "Scores") -> None:
+        """Accumulate another set of windows scored for the same model."""
+        self.nll_sum += other.nll_sum
+        self.tokens += other.tokens
+        self.windows += other.windows
+        self.seconds += other.seconds
+        if other.kl_sum is not None:
+            self.kl_sum = (self.kl_sum or 0.0) + other.kl_sum
+            self.top1_hits = (self.top1_hits or 0) + other.top1_hits
+
     def to_dict(self) -> dict:
         return {"name": self.name, "ppl": self.ppl, "nll": self.nll, "kl": self.kl, "top1": self.top1,
                 "tokens": self.tokens, "windows": self.windows, "seconds": self.seconds}
