@@ -32,9 +32,45 @@ sub-blocks of 256-weight super-blocks). The "source" here is those weights dequa
 per-output-channel codebooks) do not line up with it and pay for that at 4 bits and above. 3-bit is the
 fairer test: no method can copy the source's grid there, and everyone has to throw information away."""
 
+FINDINGS = """\
+### What makes XFP win (and what did not)
+
+XFP's default is mode V2a with one learned 1-D Lloyd codebook per matrix over groups of 64 or 128 weights,
+each group normalised by a scale and an offset coded as one byte each into per-matrix tables, sparse fp16
+outliers (4 sigma, at most 0.3%), and **hot input columns kept apart in int8** (`xfp.quantize.hot_columns`).
+Auto-select picks width, group size and outlier budget per matrix against the floor (p1 of per-channel
+cosine). How we got there, each step measured with `xfp compare` (SmolLM2, 8 windows while exploring; the
+tables below are the regenerated runs):
+
+1. The published recipe (one Lloyd codebook per output channel, 4-sigma outliers up to 2%) loses to
+   round-to-nearest at matched bits (row `lloyd3-channel`), though its per-row cosine and MSE are *better*.
+   Per-row error statistics do not predict model quality.
+2. Per-group normalisation with a learned codebook has the lowest weight MSE of all methods at 3 bits, yet
+   its KL was no better than NF3's: the quality of these models is decided by a few input channels.
+   Tracing E[x^2] per input column (a diagnostic only, never used by the quantizer) found one down_proj
+   input neuron of SmolLM2 with 7e5 times the median second moment and residual dimensions (17, 247, 507...)
+   hundreds of times above the rest: "massive activations". An error in a weight that reads them is
+   multiplied by them.
+3. They can be found from the weights alone: the matrices that write into the residual stream carry extreme
+   weights exactly in those rows (down_proj row 507 holds the largest weight of 25 of SmolLM2's 30 layers),
+   and down_proj carries them in the hot neurons' columns. Keeping those columns apart (int8, a scale per
+   column) cut KL at 3 bits, group 128 from 2.02 (`xfp3-g128-nokeep`) to about 0.7 for ~0.07 bits.
+   Keeping them in fp16 instead of int8 cost 0.07 bits more for a KL gain of 0.04; fewer hot dimensions
+   (voted by >= 4 writers instead of 2) or only the largest one lost most of the gain (KL 0.80, 1.13).
+4. Scales and offsets as uint8 codes into per-matrix tables (geometric for scales, uniform for offsets)
+   matched fp16 scales and offsets in KL (1.36-1.40 vs 1.38) at 0.25 fewer bits per weight at group 64.
+5. Did not help: weighting the Lloyd objective by the RMSNorm gain squared (worse), absmax normalisation
+   with a learned codebook (no exact zero: a group holding one large weight decodes its small weights to
+   +-8% of that weight; KL 3.9), pinning the codebook ends to the group's min and max (worse), the
+   published 32-codebook library over one codebook per matrix (see `xfp*-g128-L32`: more bits per
+   unit of KL).
+6. The floor keeps its meaning inside one mode: raising it never lowers the bits nor raises the KL. It does
+   not compare across modes (point 1), which is why XFP judges one mode, the one that wins."""
+
 METRICS = """\
 - **honest bits**: every stored byte of the quantized matrices (indices packed densely per row, scales,
-  offsets, codebooks, outlier positions and values; XFP also its 16-byte meta) * 8 / their weights. The
+  offsets, codebooks, outlier positions and values; XFP also its meta, its scale and offset tables and its
+  kept columns) * 8 / their weights. The
   quantized matrices are the attention and MLP projections (`xfp.classify`: STRICT / LAZY); embeddings,
   lm_head and norms stay as in the source for every method.
 - **ppl**: perplexity over the windows; **Δppl** against the source.
@@ -58,10 +94,18 @@ def run_one(alias: str, args) -> dict:
         result = json.loads(cached.read_text())
         print(f"{alias}: reusing {cached} ({result['date']})")
         return result
-    specs = methods.parse_methods(args.methods)
+    specs = methods.parse_methods(args.methods or ",".join(methods.DEFAULT_METHODS + ABLATIONS))
     print(f"{alias}: compare {', '.join(s.name for s in specs)}", flush=True)
-    return compare.run_compare(alias, specs, ctx=args.ctx, max_windows=args.max_windows, out=out, resume=True,
-                               progress=not args.no_progress)
+    return compare.run_compare(alias, specs, ctx=args.ctx, max_windows=windows_for(alias, args.max_windows), out=out,
+                               resume=True, progress=not args.no_progress)
+
+
+def windows_for(alias: str, spec: str) -> int:
+    """--max-windows: "16" for every model or "smollm2=16,gemma-270m=8"."""
+    if "=" not in spec:
+        return int(spec)
+    pairs = dict(item.split("=", 1) for item in spec.split(",") if item)
+    return int(pairs.get(alias, 32))
 
 
 def merged_rows(alias: str, result: dict) -> list[dict]:
@@ -74,6 +118,90 @@ def merged_rows(alias: str, result: dict) -> list[dict]:
         else:
             print(f"{extra}: other windows than compare.json, left out", file=sys.stderr)
     return rows
+
+
+ABLATIONS = ["xfp3-g64", "xfp4-g64", "xfp3-g128-nokeep", "xfp4-g128-nokeep", "xfp3-g128-L32", "xfp4-g128-L32",
+             "lloyd3-channel", "lloyd4-channel"]
+"""Run after the default methods: one ingredient changed at a time (`xfp.evaluate.methods`)."""
+
+BASELINE_FAMILIES = ("rtn", "nf", "hqq")
+DEFAULT_METHOD = "xfp-0.99"
+"""The row of XFP's default configuration (QuantConfig(): floor_strict 0.99, statistic p1, mode v2a)."""
+
+
+def xfp_curve(rows: list[dict]) -> list[dict]:
+    """The floor sweep (family "xfp"), by floor."""
+    return sorted((r for r in rows if r["family"] == "xfp" and r["kl"] is not None),
+                  key=lambda r: float(r["method"].split("-", 1)[1]))
+
+
+def verdict(rows: list[dict]) -> tuple[str, bool]:
+    """Per baseline: the best XFP floor-sweep point at equal or fewer honest bits -> (markdown, all won)."""
+    curve = xfp_curve(rows)
+    lines = ["| baseline | its bits | its KL | its ppl | XFP at <= those bits | XFP bits | XFP KL | XFP ppl | XFP wins |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    won = True
+    for b in rows:
+        if b["family"] not in BASELINE_FAMILIES or b["kl"] is None:
+            continue
+        cheaper = [r for r in curve if r["honest_bits"] <= b["honest_bits"] + 1e-9]
+        if not cheaper:
+            lines.append(f"| {b['method']} | {b['honest_bits']:.3f} | {b['kl']:.4f} | {b['ppl']:.2f} | none as cheap | - | - | - | no |")
+            won = False
+            continue
+        x = min(cheaper, key=lambda r: r["kl"])
+        wins = x["kl"] <= b["kl"] and x["ppl"] <= b["ppl"]
+        won &= wins
+        lines.append(f"| {b['method']} | {b['honest_bits']:.3f} | {b['kl']:.4f} | {b['ppl']:.2f} | {x['method']} | "
+                     f"{x['honest_bits']:.3f} | {x['kl']:.4f} | {x['ppl']:.2f} | {'yes' if wins else 'no'} |")
+    return "\n".join(lines), won
+
+
+def monotone(curve: list[dict]) -> bool:
+    """Raising the floor never lowers the bits and never raises the KL."""
+    return all(a["honest_bits"] <= b["honest_bits"] + 1e-9 and b["kl"] <= a["kl"] + 1e-9
+               for a, b in zip(curve, curve[1:]))
+
+
+ABLATION_FAMILIES = ("xfp-fixed", "ablation")
+
+
+def ablation_table(rows: list[dict]) -> str:
+    lines = ["| method | what it stores | honest bits | ppl | KL | top-1 |", "|---|---|---:|---:|---:|---:|"]
+    for r in sorted((r for r in rows if r["family"] in ABLATION_FAMILIES), key=lambda r: (r["honest_bits"], r["kl"])):
+        lines.append(f"| {r['method']} | {r['about']} | {r['honest_bits']:.3f} | {r['ppl']:.2f} | {r['kl']:.4f} | "
+                     f"{r['top1']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_floors(alias: str, rows: list[dict], path: Path) -> None:
+    """The floor-to-quality plot: KL and honest bits against the strict floor (p1 channel cosine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = xfp_curve(rows)
+    floors = [float(r["method"].split("-", 1)[1]) for r in curve]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(floors, [r["kl"] for r in curve], marker="o")
+    a.set_yscale("log")
+    a.set_xlabel("floor (p1 of per-channel cosine)")
+    a.set_ylabel("mean KL(source || XFP), nats / token")
+    for f, r in zip(floors, curve):
+        a.annotate(f"{r['honest_bits']:.2f} b", (f, r["kl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for base in rows:
+        if base["family"] in BASELINE_FAMILIES and base["kl"] is not None:
+            a.axhline(base["kl"], color="gray", linewidth=0.5, linestyle=":")
+            a.annotate(base["method"], (floors[0], base["kl"]), fontsize=6, color="gray")
+    b.plot(floors, [r["honest_bits"] for r in curve], marker="o")
+    b.set_xlabel("floor (p1 of per-channel cosine)")
+    b.set_ylabel("honest bits / weight")
+    for ax in (a, b):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"{MODELS.get(alias, alias)}: what the floor buys")
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def section(alias: str, result: dict) -> str:
@@ -89,10 +217,23 @@ def section(alias: str, result: dict) -> str:
     if len(rows) != len(result["rows"]):  # llama.cpp rows joined: redraw with them
         compare.plot_pareto({**result, "rows": rows}, plot)
     shutil.copyfile(plot, plot_dir / f"{alias}-pareto.png")
+    plot_floors(alias, rows, plot_dir / f"{alias}-floors.png")
+    check, won = verdict(rows)
+    curve = xfp_curve(rows)
+    default = next((r for r in rows if r["method"] == DEFAULT_METHOD), None)
+    default_line = (f"XFP's default configuration ({DEFAULT_METHOD}: `xfp quantize` with no options) stores "
+                    f"{default['honest_bits']:.3f} honest bits/weight at KL {default['kl']:.4f}, ppl {default['ppl']:.2f}."
+                    if default else "")
     return (f"## {MODELS.get(alias, alias)}\n\n{compare.describe(result)}. "
             f"Compare took {result['seconds'] / 60:.0f} min ({result['date']}).\n\n{table}\n\n"
             f"Pareto front (KL against honest bits): {', '.join(front)}.\n\n"
-            f"![KL against honest bits](results/{alias}-pareto.png)\n")
+            f"![KL against honest bits](results/{alias}-pareto.png)\n\n"
+            f"### XFP against each baseline at equal or fewer honest bits\n\n{default_line}\n\n{check}\n\n"
+            f"Every baseline beaten in KL and perplexity at equal or fewer bits: **{'yes' if won else 'no'}**. "
+            f"The floor sweep is monotone (a higher floor never costs fewer bits nor gives a higher KL): "
+            f"**{'yes' if monotone(curve) else 'no'}**.\n\n"
+            f"![KL and bits against the floor](results/{alias}-floors.png)\n\n"
+            f"### Ablation\n\n{ablation_table(rows)}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: smollm2, gemma-270m")
     p.add_argument("--methods", help="comma-separated method names (default: every default method)")
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=32)
+    p.add_argument("--max-windows", default="32",
+                   help="windows per model: N for all, or alias=N pairs, e.g. smollm2=16,gemma-270m=8")
     p.add_argument("--reuse", action="store_true", help="use out/results/<model>/compare.json when present")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -118,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')} ({any_result['machine']}; "
             f"{versions}). Do not edit by hand: rerun the command.\n\n"
             f"Text: Canterbury corpus alice29.txt + lcet10.txt (`xfp.sources.fetch.canterbury_text()`), "
-            f"{any_result['windows']} windows of {any_result['ctx']} tokens, no overlap; BOS is prepended to "
-            f"each window exactly when the model's tokenizer adds one itself.\n\n{CAVEAT}\n\n"
+            f"windows of {any_result['ctx']} tokens (how many: each section's first line), no overlap; BOS is "
+            f"prepended to each window exactly when the model's tokenizer adds one itself.\n\n{CAVEAT}\n\n"
+            f"{FINDINGS}\n\n"
             f"### Columns\n\n{METRICS}\n\n" + "\n".join(sections))
     (ROOT / "docs" / "RESULTS.md").write_text(page, encoding="utf-8")
     print(f"wrote {ROOT / 'docs' / 'RESULTS.md'}")

@@ -31,6 +31,10 @@ def test_report_counts_every_tensor(quantized):
     assert report["totals"]["quantized_matrices"] == 210  # 30 layers x q,k,v,o,gate,up,down
     assert report["totals"]["missed_floor"] == []
     assert 2.0 < report["totals"]["quantized_honest_bits"] < 8.5
+    matrices = [t for t in report["tensors"] if "bits" in t]
+    assert {t["mode"] for t in matrices} == {"v2a"}  # the default mode
+    # the data-free hot columns: SmolLM2's residual dims 17, 247, 507... are kept in every q/k/v/gate/up
+    assert sum(t["kept"] > 0 for t in matrices) >= 150
 
 
 def test_verify_and_inspect_from_the_files(quantized):

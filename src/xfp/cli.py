@@ -23,6 +23,13 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     number = text.rstrip("kKmMgGiIbB")
@@ -46,10 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--floor-lazy", type=float, default=0.97, help="cosine floor: routed MoE experts")
     q.add_argument("--statistic", default="p1", choices=["min", "p1", "p5", "median", "mean"],
                    help="per-channel cosine statistic the floors judge (default p1)")
-    q.add_argument("--mode", default="v2", choices=["v2", "v2a"],
-                   help="v2: one codebook per output channel; v2a: per-group scale/offset + a library of codebooks")
+    q.add_argument("--mode", default="v2a", choices=["v2", "v2a"],
+                   help="v2a (default): groups with coded scale/offset + a library of codebooks + kept hot columns; "
+                        "v2: one codebook per output channel (the published recipe)")
     q.add_argument("--group-size", type=_ints, default=(64, 128), help="v2a: candidate group sizes, e.g. 64,128")
     q.add_argument("--library-size", type=int, default=1, help="v2a: codebooks in each matrix's library (L)")
+    q.add_argument("--keep-columns", type=float, default=5.0,
+                   help="v2a: ratio that marks hot input columns, kept apart in int8 (0: none; default 5)")
+    q.add_argument("--outlier-budgets", type=_floats, default=(0.0, 0.003),
+                   help="outlier caps auto-select may try, fractions of a matrix (default 0,0.003)")
     q.add_argument("--bits", type=_ints, default=(2, 3, 4), help="candidate widths, e.g. 2,3,4")
     q.add_argument("--escalation-bits", type=_ints, default=(5, 6, 8), help="widths tried when none meets the floor")
     q.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head (strict)")
@@ -117,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config(args):
-    from xfp.config import QuantConfig
+    from xfp.config import OutlierConfig, QuantConfig
 
     return QuantConfig(floor_strict=args.floor_strict, floor_lazy=args.floor_lazy, statistic=args.statistic,
                        mode=args.mode, bits=args.bits, escalation_bits=args.escalation_bits,
-                       group_size=args.group_size, library_size=args.library_size)
+                       group_size=args.group_size, library_size=args.library_size, keep_columns=args.keep_columns,
+                       outliers=OutlierConfig(budgets=args.outlier_budgets))
 
 
 def cmd_quantize(args) -> int:

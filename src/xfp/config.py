@@ -8,11 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-FORMAT_VERSION = 2
-"""Version of the on-disk layout described in docs/FORMAT.md (2: adds mode V2a)."""
+FORMAT_VERSION = 3
+"""Version of the on-disk layout described in docs/FORMAT.md (2: adds mode V2a; 3: V2a scales and offsets
+as uint8 codes into per-matrix tables, hot input columns kept apart in int8)."""
 
-READABLE_FORMAT_VERSIONS = (1, 2)
-"""Versions this XFP reads: version 1 is version 2 restricted to mode V2 (docs/FORMAT.md, "Versioning")."""
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+"""Versions this XFP reads: versions 1 and 2 for their mode-V2 matrices, which version 3 stores the same way
+(docs/FORMAT.md, "Versioning"); a version-2 V2a matrix is refused."""
 
 MODES = ("v2", "v2a")
 """Storage modes: "v2", one Lloyd codebook per output channel; "v2a", groups of G weights along the input
@@ -43,7 +45,7 @@ class OutlierConfig:
 
     rule: Literal["sigma"] = "sigma"
     k: float = 4.0
-    budgets: tuple[float, ...] = (0.0, 0.02)
+    budgets: tuple[float, ...] = (0.0, 0.003)
 
     def __post_init__(self) -> None:
         if self.rule != "sigma":
@@ -67,18 +69,21 @@ class QuantConfig:
     group_size: (v2a only) candidate group sizes G, weights per group along the input dimension; auto-select
     tries every width x group size x outlier budget, cheapest exact honest size first.
     library_size: (v2a only) L, the number of codebooks in a matrix's library (1 = one codebook per matrix).
+    keep_columns: (v2a only) the ratio that marks hot input columns, kept apart in int8
+    (`xfp.quantize.hot_columns`); 0 keeps none.
     """
 
     floor_strict: float = 0.99
     floor_lazy: float = 0.97
     statistic: Statistic = "p1"
-    mode: Mode = "v2"
+    mode: Mode = "v2a"
     bits: tuple[int, ...] = (2, 3, 4)
     escalation_bits: tuple[int, ...] = (5, 6, 8)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     lloyd_iterations: int = 16
     group_size: tuple[int, ...] = (64, 128)
     library_size: int = 1
+    keep_columns: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("floor_strict", "floor_lazy"):
@@ -107,6 +112,9 @@ class QuantConfig:
             raise ValueError(f"group_size must name at least one group size, each an integer >= 1, got {self.group_size}")
         if len(set(self.group_size)) != len(self.group_size):
             raise ValueError(f"group sizes repeat: {self.group_size}")
+        if isinstance(self.keep_columns, bool) or not isinstance(self.keep_columns, (int, float)) \
+                or not 0 <= self.keep_columns < float("inf"):
+            raise ValueError(f"keep_columns must be a ratio >= 0 (0 = none), got {self.keep_columns!r}")
         if type(self.library_size) is not int or not 1 <= self.library_size <= MAX_LIBRARY:
             raise ValueError(f"library_size must be an integer in [1, {MAX_LIBRARY}], got {self.library_size!r}")
 

@@ -21,7 +21,9 @@ def result():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 37, generator=g)
     w[3, 5], w[7, 1], w[20, 30] = 9.0, -8.0, 7.5
-    r = quantize_matrix(w, 0.99, QuantConfig(bits=(3,), outliers=OutlierConfig(budgets=(0.02,))), NAME)
+    cfg = QuantConfig(mode="v2", bits=(3,), outliers=OutlierConfig(budgets=(0.02,)))  # mode V2 (test_v2a.py: V2a)
+    r = quantize_matrix(w, 0.99, cfg, NAME)
+    assert r.layout.mode == "v2"
     assert r.layout.n_outliers >= 3
     return r
 
@@ -84,6 +86,7 @@ def _meta(md, **changes):
 HOSTILE = [
     ("missing part", _drop("codebook"), None, t("codebook"), "is missing"),
     ("meta dtype", _set("meta", lambda m: m.to(torch.int64)), None, t("meta"), "int32"),
+    ("meta float nan", _set("meta", lambda m: torch.full(m.shape, float("nan"))), None, t("meta"), "int32"),
     ("meta mode", _set("meta", lambda m: torch.tensor([9, *m[1:].tolist()], dtype=torch.int32)), None, t("meta"), "mode"),
     ("meta bits", _set("meta", lambda m: torch.tensor([*m[:3].tolist(), 7], dtype=torch.int32)), None, t("meta"), "bits"),
     ("meta rows", _set("meta", lambda m: torch.tensor([2, 0, 37, 3], dtype=torch.int32)), None, t("meta"), "rows"),

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from xfp.config import QuantConfig
 from xfp.format import io
-from xfp.format.reference import PackedV2
+from xfp.format.reference import Packed
 from xfp.quantize.autoselect import quantize_matrix
 
 QUANTIZED = re.compile(r"\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$")
@@ -51,12 +51,20 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
 @dataclass
 class XFPFolder:
     path: Path
-    matrices: dict[str, PackedV2]  # stored weight name -> what was written
+    matrices: dict[str, Packed]  # stored weight name -> what was written
+
+
+def matrix_entry(packed: Packed) -> dict:
+    """The quantization_config.matrices entry of a stored matrix: its layout's entry, except that a mode V2
+    entry is written as version 1 folders wrote it, {"bits", "outliers"} (an absent "mode" means "v2")."""
+    entry = packed.layout.entry()
+    return {k: entry[k] for k in ("bits", "outliers")} if entry["mode"] == "v2" else entry
 
 
 def write_xfp_folder(src: Path, out: Path, config: QuantConfig | None = None, floor: float = 0.99) -> XFPFolder:
-    """Quantize the q/k/v/o/gate/up/down weights of the HF folder `src` into the XFP folder `out` (one shard)."""
-    config = config or QuantConfig()
+    """Quantize the q/k/v/o/gate/up/down weights of the HF folder `src` into the XFP folder `out` (one shard),
+    in mode v2 unless `config` says otherwise (no kept columns)."""
+    config = config or QuantConfig(mode="v2")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     content = io.XFPFile()
@@ -70,8 +78,7 @@ def write_xfp_folder(src: Path, out: Path, config: QuantConfig | None = None, fl
     model_config["quantization_config"] = {
         "quant_method": "xfp",
         **config.to_dict(),  # includes format_version
-        "matrices": {name: {"bits": p.bits, "outliers": int(p.outlier_pos.numel())}
-                     for name, p in content.matrices.items()},
+        "matrices": {name: matrix_entry(p) for name, p in content.matrices.items()},
     }
     (out / "config.json").write_text(json.dumps(model_config, indent=2))
     return XFPFolder(out, content.matrices)

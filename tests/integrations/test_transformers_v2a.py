@@ -22,6 +22,15 @@ from xfp.runtime import XFPLinear
 QUANTIZED = re.compile(r"\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$")
 IDS = torch.tensor([[1, 17, 42, 99, 5, 64, 3, 120, 77]])
 CONFIG = QuantConfig(mode="v2a", group_size=(48,), library_size=4)  # 64 and 128 inputs: ragged groups
+KEPT = {"mlp.up_proj": [0, 63], "mlp.down_proj": [5, 127], "self_attn.o_proj": [17]}
+"""Kept columns of the MLP and o_proj matrices of every layer (q/k/v and gate keep none)."""
+
+
+def kept_columns(name: str) -> torch.Tensor | None:
+    for module, cols in KEPT.items():
+        if f".{module}." in name:
+            return torch.tensor(cols)
+    return None
 
 
 def write_v2a_folder(src: Path, out: Path) -> dict:
@@ -32,10 +41,11 @@ def write_v2a_folder(src: Path, out: Path) -> dict:
     entries = {}
     for name, tensor in load_file(str(src / "model.safetensors")).items():
         if QUANTIZED.search(name):
-            result = quantize_matrix(tensor, 0.99, CONFIG, name)
+            result = quantize_matrix(tensor, 0.99, CONFIG, name, kept_cols=kept_columns(name))
             content.matrices[name] = result.packed
             s = result.summary()
-            entries[name] = {"class": "strict", **{k: s[k] for k in ("mode", "bits", "outliers", "group", "library")}}
+            entries[name] = {"class": "strict",
+                             **{k: s[k] for k in ("mode", "bits", "outliers", "group", "library", "kept")}}
         else:
             content.dense[name] = tensor
     io.save(out / "model.safetensors", content)
@@ -57,6 +67,7 @@ def test_loads_v2a_layers_and_matches_the_decoded_reference(tiny_llama, v2a_fold
     assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, XFPLinear)}
     assert {f"{n}.weight" for n in layers} == set(matrices) and {m.mode for m in layers.values()} == {"v2a"}
+    assert {m.layout.kept for m in layers.values()} == {0, 1, 2}
     ref = LlamaForCausalLM.from_pretrained(tiny_llama)
     with torch.no_grad():
         for name, packed in matrices.items():
@@ -77,7 +88,11 @@ def _edit_entry(folder: Path, change) -> None:
     (lambda e: e.pop("group"), "needs an integer 'group'"),
     (lambda e: e.update(library=300), "library"),
     (lambda e: e.update(mode="v2"), "belong to mode 'v2a'"),
-    (lambda e: e.update(group=e["group"] * 2), r"group=\d+, library=4 \(quantization_config.matrices\)"),
+    (lambda e: e.update(group=e["group"] * 2), r"group=\d+, library=4, kept=2 \(quantization_config.matrices\)"),
+    (lambda e: e.update(kept=-1), "'kept'.*integer >= 0"),
+    (lambda e: e.update(kept=3), r"xfp_kept_cols': must be int32 \[3\] for a 128x64 layer .*kept=3.*got int32 \[2\]"),
+    (lambda e: e.update(kept=65), r"kept columns must be an integer in \[0, 64\]"),
+    (lambda e: e.pop("kept"), r"xfp_kept_cols': must be int32 \[0\] .*got int32 \[2\]"),  # absent means 0
 ])
 def test_bad_v2a_entries_are_refused(v2a_folder, tmp_path, change, words):
     folder = tmp_path / "bad"

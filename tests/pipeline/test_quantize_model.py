@@ -11,14 +11,16 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from xfp.config import QuantConfig
 from xfp.errors import XFPError
 from xfp.format import io
 from xfp.format.folder import iter_shards, read_config
-from xfp.format.reference import decode
+from xfp.format.reference import decode, kept_values
 from xfp.pipeline import quantize_model
 from xfp.pipeline.run import WORKDIR, out_is_complete
+from xfp.quantize.library import code_kept
 from xfp.sources.base import open_source
 
 from helpers import make_tiny_llama
@@ -41,10 +43,11 @@ def test_output_folder_is_complete_and_honest(tiny_llama, tmp_path):
     source = open_source(tiny_llama)
     names = source.tensor_names()
     assert [s["name"] for s in report["tensors"]] == names  # a decision for every tensor
+    kinds_of = {s["name"]: s["class"] for s in report["tensors"]}
     stored_bytes = 0
     for _, content in iter_shards(out):
         for name, packed in content.matrices.items():
-            assert qc["matrices"][name]["bits"] == packed.bits
+            assert qc["matrices"][name] == {"class": kinds_of[name], **packed.layout.entry()}
             stored_bytes += packed.layout.total_bytes
             w = source.load(name)
             cos = torch.nn.functional.cosine_similarity(w, decode(packed).float(), dim=1)
@@ -138,3 +141,29 @@ def test_source_is_never_modified(tiny_llama, tmp_path):
     quantize_model(tiny_llama, tmp_path / "o", QuantConfig(), progress=False)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_llama.iterdir()}
     assert before == after
+
+
+def test_hot_columns_are_kept_whole(tmp_path):
+    """A residual dimension written massively by every o_proj and down_proj is kept apart (int8, a scale per
+    column) by every matrix reading the residual stream; each writer keeps its own extreme input column."""
+    src = make_tiny_llama(tmp_path / "src", seed=2)
+    weights = load_file(str(src / "model.safetensors"))
+    for i in range(2):
+        weights[f"model.layers.{i}.self_attn.o_proj.weight"][7, 3] = 1.0  # 50x the init std
+        weights[f"model.layers.{i}.mlp.down_proj.weight"][7, 50] = -1.0
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    quantize_model(src, out, QuantConfig(), progress=False)
+    matrices = read_config(out)["quantization_config"]["matrices"]
+    kept = {}
+    for _, content in iter_shards(out):
+        for name, packed in content.matrices.items():
+            kept[name] = packed.kept_cols.tolist()
+            assert matrices[name]["kept"] == len(kept[name])
+            assert torch.equal(decode(packed)[:, packed.kept_cols.long()],
+                               kept_values(*code_kept(weights[name][:, kept[name]])))
+    expected = {"o_proj": [3], "down_proj": [50], "q_proj": [7], "k_proj": [7], "v_proj": [7], "gate_proj": [7],
+                "up_proj": [7]}
+    assert len(kept) == 14
+    for name, cols in kept.items():
+        assert cols == expected[name.split(".")[-2]], name

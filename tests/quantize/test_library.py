@@ -6,7 +6,7 @@ import torch
 from xfp.config import SUPPORTED_BITS, OutlierConfig, QuantConfig
 from xfp.format import io
 from xfp.format.reference import decode, group_values
-from xfp.format.spec import V2aLayout
+from xfp.format.spec import SCALE_TABLE, V2aLayout
 from xfp.quantize import library
 from xfp.quantize.autoselect import quantize_matrix
 
@@ -53,9 +53,14 @@ def test_groups_follow_min_max_of_their_non_outlier_weights():
     outlier = torch.zeros_like(w, dtype=torch.bool)
     outlier[0, 3] = True
     groups = library.normalise(w, 4, outlier)
-    assert groups.offset.tolist() == [[1.0, 5.0]] and groups.scale.tolist() == [[1.0, 0.0]]
+    # true (offset, scale): (1, 1) and (5, 0). The scales' geometric grid ends at the largest scale, so 1 is
+    # exact; the offsets' uniform grid has step 5/127 and holds 5 (its end), and 1 is rounded to the grid.
+    assert groups.scale.tolist() == [[1.0, 0.0]] and groups.scale_code[0, 1] == 0
+    assert groups.offset[0, 1] == 5.0 and abs(float(groups.offset[0, 0]) - 1.0) <= 5 / 127 / 2
+    assert torch.equal(groups.scale, groups.scale_table[groups.scale_code.long()])
+    assert torch.equal(groups.offset, groups.offset_table[groups.offset_code.long()])
     assert groups.fitted.tolist() == [[True, True, True, False, False, False, False]]  # outlier; constant group
-    assert groups.z[0, :3].tolist() == [-1.0, 0.0, 1.0]
+    assert torch.equal(groups.z[0, :3], (w[0, :3] - groups.offset[0, 0].float()) / 1.0)  # the decoded offset
 
 
 def test_constant_zero_and_all_outlier_groups_are_exact():
@@ -64,7 +69,8 @@ def test_constant_zero_and_all_outlier_groups_are_exact():
     w[2, :5] = torch.tensor([1.0, -1.0, 0.5, 0.25, 0.0])
     packed, w_hat = quantize(w, 2, 4, 1, torch.tensor([24, 25, 26, 27]))  # row 2, group 1: all outliers
     assert torch.equal(w_hat.float(), w) and torch.equal(decode(packed), w_hat)
-    assert packed.scale[0].tolist() == [0.0, 0.0, 0.0] and packed.scale[2, 1] == 0.0
+    assert packed.scale[0].tolist() == [0, 0, 0] and packed.scale[2, 1] == 0  # code 0: scale exactly 0
+    assert packed.group_scale[0].tolist() == [0.0, 0.0, 0.0] and packed.group_scale[2, 1] == 0.0
 
 
 def test_each_weight_takes_its_nearest_decoded_entry(weights):
@@ -125,7 +131,7 @@ def test_v2a_beats_v2_where_magnitude_varies_along_the_input_dimension():
     column_scale = 10.0 ** (2 * (walk - walk.min()) / (walk.max() - walk.min()))
     w = heavy_tailed(rows, cols, seed=1, df=6) * column_scale * 1e-3
     common = dict(bits=(3,), escalation_bits=(), outliers=OutlierConfig(budgets=(0.0,)))
-    v2 = quantize_matrix(w, 1.0, QuantConfig(**common), "m")
+    v2 = quantize_matrix(w, 1.0, QuantConfig(mode="v2", **common), "m")
     v2a = quantize_matrix(w, 1.0, QuantConfig(mode="v2a", group_size=(128,), **common), "m")
     assert v2a.layout.mode == "v2a" and v2a.layout.bits == v2.layout.bits == 3
     assert relative_error(w, v2a.reconstruction) < 0.95 * relative_error(w, v2.reconstruction)
@@ -141,3 +147,82 @@ def test_screen_sums_equal_sums_over_the_reconstruction(weights):
     torch.testing.assert_close(candidate.dot, (w * w_hat).sum(1), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(candidate.norm2, (w_hat * w_hat).sum(1), rtol=1e-12, atol=1e-15)
     assert torch.equal(candidate.w_hat, candidate.w_hat.half().float())  # every value is a float16
+
+
+# -- scale and offset codes -------------------------------------------------------------------------
+
+HALF_STEP_LOG2 = 16 / (SCALE_TABLE - 2) / 2
+"""Half a step of the scales' geometric grid, in octaves: 255 positive entries span 16 octaves."""
+
+SCALE_TOLERANCE_LOG2 = HALF_STEP_LOG2 + 2.0**-10
+"""|log2(decoded scale / true scale)| for a scale in the grid's range whose neighbouring entries are normal
+float16 numbers: the half step, plus the float16 rounding of the entry (relative 2^-11 < 2^-10 in log2)."""
+
+
+def random_groups(seed: int, top: float, rows: int = 256, groups: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """True scales log-uniform over the grid's 16 octaves below `top` (the largest one exactly `top`), plus
+    exact zeros and scales far below the grid; offsets of mixed magnitude, a tenth of them exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    scale = top * 2.0 ** (-16 * torch.rand(rows, groups, generator=g, dtype=torch.float64))
+    scale[0, 0] = top
+    scale[1] = 0.0
+    scale[2, :5] = top * 2.0**-40
+    offset = torch.randn(rows, groups, generator=g, dtype=torch.float64) * 10.0 ** (
+        -3 * torch.rand(rows, groups, generator=g, dtype=torch.float64)) * top
+    offset[torch.rand(rows, groups, generator=g) < 0.1] = 0.0
+    return scale, offset
+
+
+@pytest.mark.parametrize("top", [8.0, 0.05])  # 0.05: a real weight scale, the grid's low end is subnormal
+def test_scale_code_zero_means_scale_zero(top):
+    scale, offset = random_groups(0, top)
+    code, table, _, _ = library.scale_tables(scale, offset)
+    assert code.dtype == torch.uint8 and code.shape == scale.shape
+    assert table.dtype == torch.float16 and tuple(table.shape) == (SCALE_TABLE,)
+    assert torch.equal(code == 0, scale == 0)
+    assert table[0] == 0 and torch.all(table[1:] > 0)
+    assert table[code[0, 0].long()] == torch.tensor(top).half()  # the largest scale is the top entry
+    assert torch.all(table[1:] >= table[:-1])  # writers store the table ascending
+
+
+def test_decoded_scales_lie_within_half_a_grid_step():
+    for top in (8.0, 0.05):
+        scale, offset = random_groups(1, top)
+        code, table, _, _ = library.scale_tables(scale, offset)
+        decoded = table[code.long()].double()
+        in_range = (scale >= top * 2.0**-16) & (scale >= 2.0**-13)  # neighbours are normal float16
+        error = (decoded[in_range] / scale[in_range]).log2().abs()
+        assert error.numel() > 1000 and float(error.max()) <= SCALE_TOLERANCE_LOG2
+        assert float(error.max()) > 0.9 * HALF_STEP_LOG2  # the grid is no finer than stated
+        below = (scale > 0) & (scale < top * 2.0**-16)  # below the grid: the smallest positive entry
+        assert torch.all(code[below] == 1)
+
+
+@pytest.mark.parametrize("top", [8.0, 0.05])
+def test_zero_offsets_decode_to_exactly_zero(top):
+    scale, offset = random_groups(2, top)
+    _, _, code, table = library.scale_tables(scale, offset)
+    assert code.dtype == torch.uint8 and table.dtype == torch.float16 and tuple(table.shape) == (SCALE_TABLE,)
+    decoded = table[code.long()].double()
+    assert int((offset == 0).sum()) > 100 and torch.all(decoded[offset == 0] == 0)
+    step = float(offset.abs().max()) / (SCALE_TABLE // 2 - 1)  # uniform grid reaching the largest |offset|
+    # half a step, plus the float16 rounding of an entry of at most 128 steps (2^-11 * 128 = 1/16 step)
+    assert float((decoded - offset).abs().max()) <= step * (0.5 + 1 / 16)
+
+
+def test_all_zero_groups_code_to_zero():
+    zero = torch.zeros(3, 4, dtype=torch.float64)
+    scale_code, scale_table, offset_code, offset_table = library.scale_tables(zero, zero)
+    assert torch.all(scale_table[scale_code.long()] == 0) and torch.all(scale_code == 0)
+    assert torch.all(offset_table[offset_code.long()] == 0)
+
+
+def test_offsets_near_the_float16_limit_keep_a_finite_table(tmp_path):
+    # the offset grid reaches 128 steps below 0 but 127 above: for |offset| near 65504 that end is clamped
+    w = torch.full((2, 8), 65500.0)
+    w[1, :4] = torch.tensor([-1.0, 0.0, 0.5, 1.0])
+    r = quantize_matrix(w, 0.99, QuantConfig(mode="v2a", group_size=(4,)), "m")
+    assert torch.isfinite(r.packed.offset_table).all() and r.packed.offset_table[0] == -65504.0
+    path = tmp_path / "m.safetensors"
+    io.save(path, io.XFPFile(matrices={"m.weight": r.packed}))
+    torch.testing.assert_close(decode(io.load(path).matrices["m.weight"]), r.reconstruction, rtol=0, atol=0)

@@ -152,14 +152,40 @@ def hqq(name: str, w: torch.Tensor, ctx: MethodContext, *, bits: int, group: int
     return baselines.hqq_matrix(w, bits, group), baselines.rtn_bytes(*w.shape, bits, group)
 
 
-def xfp(name: str, w: torch.Tensor, ctx: MethodContext, *, floor: float) -> tuple[torch.Tensor, int]:
-    """XFP auto-select at `floor` for both classes (default QuantConfig otherwise); W_hat is the in-memory
-    reconstruction, which equals the decoded stored matrix bit for bit."""
+def hot_columns(ctx: MethodContext, ratio: float):
+    """The model's `xfp.quantize.hot_columns.HotColumns` at `ratio`, found once per model."""
+    from xfp.quantize import hot_columns as hot
+
+    key = f"hot_columns:{ratio}"
+    if key not in ctx.cache:
+        names = quantized_names(ctx.source, ctx.config)
+        ctx.cache[key] = hot.find(names, ctx.source.load, ratio)
+    return ctx.cache[key]
+
+
+def xfp(name: str, w: torch.Tensor, ctx: MethodContext, *, floor: float, **options) -> tuple[torch.Tensor, int]:
+    """XFP auto-select at `floor` for both classes, the default QuantConfig changed by `options`; W_hat is the
+    in-memory reconstruction, which equals the decoded stored matrix bit for bit."""
     from xfp.config import QuantConfig
     from xfp.quantize.autoselect import quantize_matrix
 
-    result = quantize_matrix(w, floor, QuantConfig(floor_strict=floor, floor_lazy=floor), name)
+    config = QuantConfig(floor_strict=floor, floor_lazy=floor, **options)
+    kept = None
+    if config.mode == "v2a" and config.keep_columns > 0:
+        kept = hot_columns(ctx, config.keep_columns).columns(name, w)
+    result = quantize_matrix(w, floor, config, name, kept)
     return result.reconstruction, result.layout.total_bytes
+
+
+def _published_outliers():
+    from xfp.config import OutlierConfig
+
+    return OutlierConfig(k=4.0, budgets=(0.02,))
+
+
+def xfp_fixed(name: str, w: torch.Tensor, ctx: MethodContext, *, bits: int, **options) -> tuple[torch.Tensor, int]:
+    """XFP at one width (no floor: every matrix at `bits`), for ablations."""
+    return xfp(name, w, ctx, floor=-1.0, bits=(bits,), escalation_bits=(), **options)
 
 
 for _bits in (3, 4):
@@ -172,9 +198,24 @@ for _bits in (3, 4):
 for _bits in (3, 4):
     register(f"hqq{_bits}-g64", functools.partial(hqq, bits=_bits, group=64), family="hqq",
              about=f"HQQ (hqq package), {_bits}-bit, group 64, fp16 scale + zero")
-for _floor in (0.9, 0.95, 0.97, 0.975, 0.98, 0.985, 0.99, 0.995):
+for _floor in (0.95, 0.97, 0.975, 0.98, 0.985, 0.99, 0.995):
     register(f"xfp-{_floor}", functools.partial(xfp, floor=_floor), family="xfp",
              about=f"XFP auto-select, floor {_floor} (p1 per-channel cosine)")
+
+# Ablations (not in the default set): one width everywhere, one ingredient changed at a time.
+for _bits in (3, 4):
+    for _group in (64, 128):
+        register(f"xfp{_bits}-g{_group}", functools.partial(xfp_fixed, bits=_bits, group_size=(_group,)),
+                 family="xfp-fixed", default=False,
+                 about=f"XFP v2a at {_bits} bits, group {_group}: layer codebook, coded scales, kept hot columns")
+    register(f"xfp{_bits}-g128-nokeep", functools.partial(xfp_fixed, bits=_bits, group_size=(128,), keep_columns=0.0),
+             family="ablation", default=False, about=f"as xfp{_bits}-g128 without kept hot columns")
+    register(f"xfp{_bits}-g128-L32", functools.partial(xfp_fixed, bits=_bits, group_size=(128,), library_size=32),
+             family="ablation", default=False, about=f"as xfp{_bits}-g128 with the published library of 32 codebooks")
+    register(f"lloyd{_bits}-channel",
+             functools.partial(xfp_fixed, bits=_bits, mode="v2", outliers=_published_outliers()),
+             family="ablation", default=False,
+             about=f"the published recipe: one {_bits}-bit Lloyd codebook per output channel, 4-sigma fp16 outliers <= 2%")
 
 
 # -- applying a method to a model -----------------------------------------------------------------

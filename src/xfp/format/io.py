@@ -19,7 +19,7 @@ from safetensors.torch import save_file as _st_save
 from xfp.config import FORMAT_VERSION, MAX_LIBRARY, READABLE_FORMAT_VERSIONS, SUPPORTED_BITS
 from xfp.errors import FormatError
 from xfp.format.pack import padding_is_zero
-from xfp.format.reference import Packed, PackedV2, PackedV2a, decoded_ends_finite
+from xfp.format.reference import Packed, PackedV2, PackedV2a, decoded_ends_finite, kept_values
 from xfp.format.spec import (
     ALL_PARTS,
     FILE_METADATA_KEY,
@@ -142,9 +142,10 @@ def _check_meta(path: Path, name: str, parts: dict[str, torch.Tensor]) -> tuple[
     _check(rows >= 1 and cols >= 1, path, meta_name, f"rows and cols must be >= 1, got {rows}x{cols}")
     _check(bits in SUPPORTED_BITS, path, meta_name, f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if mode == MODE_V2A:
-        group, library = values[4:]
+        group, library, kept = values[4:]
         _check(group >= 1, path, meta_name, f"group must be >= 1, got {group}")
         _check(1 <= library <= MAX_LIBRARY, path, meta_name, f"library must be in [1, {MAX_LIBRARY}], got {library}")
+        _check(0 <= kept <= cols, path, meta_name, f"kept columns must be in [0, {cols}], got {kept}")
     return values
 
 
@@ -169,7 +170,7 @@ def validate_matrix(path: Path, name: str, parts: dict[str, torch.Tensor]) -> Pa
     _check(pos.dim() == 1, path, pos_name, f"must be 1-D, got shape {list(pos.shape)}")
     _check(pos.numel() <= rows * cols, path, pos_name, f"has {pos.numel()} entries for {rows * cols} weights")
     if mode == MODE_V2A:
-        layout = V2aLayout(rows, cols, bits, pos.numel(), values[4], values[5])
+        layout = V2aLayout(rows, cols, bits, pos.numel(), values[4], values[5], values[6])
     else:
         layout = V2Layout(rows, cols, bits, pos.numel())
     for part, (dtype, shape) in layout.tensors().items():
@@ -191,19 +192,41 @@ def validate_matrix(path: Path, name: str, parts: dict[str, torch.Tensor]) -> Pa
 
 
 def _validate_v2a(path: Path, name: str, layout: V2aLayout, parts: dict[str, torch.Tensor]) -> PackedV2a:
-    library, scale, offset, ids = parts["library"], parts["scale"], parts["offset"], parts["ids"]
+    library, ids = parts["library"], parts["ids"]
     _check(bool(torch.isfinite(library).all()), path, tensor_name(name, "library"),
            "entries must be finite (no NaN/Inf)")
-    _finite(path, name, "scale", scale)
-    _check(bool((scale >= 0).all()), path, tensor_name(name, "scale"), "scales must be >= 0")
-    _finite(path, name, "offset", offset)
+    scale_table, offset_table = parts["scale_table"], parts["offset_table"]
+    _finite(path, name, "scale_table", scale_table)
+    _check(bool((scale_table >= 0).all()), path, tensor_name(name, "scale_table"), "scales must be >= 0")
+    _finite(path, name, "offset_table", offset_table)
     if layout.library > 1:
         _check(int(ids.max()) < layout.library, path, tensor_name(name, "ids"),
                f"library ids must be < {layout.library} (the library size)")
-    _check(decoded_ends_finite(library, scale, offset, ids), path, tensor_name(name, "scale"),
+    kept = parts["kept_cols"]
+    if kept.numel():
+        _check(int(kept.min()) >= 0 and int(kept.max()) < layout.cols, path, tensor_name(name, "kept_cols"),
+               f"columns must lie in [0, {layout.cols})")
+        _check(bool((kept[1:] > kept[:-1]).all()), path, tensor_name(name, "kept_cols"),
+               "columns must be strictly increasing (unique)")
+        pos = parts["outlier_pos"]
+        if pos.numel():
+            in_kept = torch.isin(pos.long() % layout.cols, kept.long())
+            _check(not bool(in_kept.any()), path, tensor_name(name, "outlier_pos"),
+                   "an outlier lies in a kept column (they must be disjoint)")
+    kept_val, kept_scale = parts["kept_val"], parts["kept_scale"]
+    if kept_val.numel():
+        _check(int(kept_val.min()) >= -127, path, tensor_name(name, "kept_val"), "values must be in [-127, 127]")
+    _finite(path, name, "kept_scale", kept_scale)
+    _check(bool((kept_scale >= 0).all()), path, tensor_name(name, "kept_scale"), "scales must be >= 0")
+    _check(bool(torch.isfinite(kept_values(kept_val, kept_scale)).all()), path, tensor_name(name, "kept_scale"),
+           "decoded values must be finite: kept_val * kept_scale overflows float16 in some column")
+    packed = PackedV2a(layout.rows, layout.cols, layout.bits, layout.group, parts["codes"], library, parts["scale"],
+                       scale_table, parts["offset"], offset_table, ids, parts["outlier_pos"], parts["outlier_val"],
+                       kept, kept_val, kept_scale)
+    _check(decoded_ends_finite(library, packed.group_scale, packed.group_offset, ids), path,
+           tensor_name(name, "scale"),
            "decoded values must be finite: library entry * scale + offset overflows float16 in some group")
-    return PackedV2a(layout.rows, layout.cols, layout.bits, layout.group, parts["codes"], library, scale, offset,
-                     ids, parts["outlier_pos"], parts["outlier_val"])
+    return packed
 
 
 def load(path: Path) -> XFPFile:
@@ -221,9 +244,14 @@ def load(path: Path) -> XFPFile:
                 if key in keys:
                     parts[part] = _get(f, path, key)
                     owned.add(key)
+            meta = parts.get("meta")
+            # a meta of another dtype (even float NaN) is refused by validate_matrix, with its own message
+            is_v2a = (meta is not None and meta.dtype == torch.int32 and meta.numel() > 0
+                      and int(meta.reshape(-1)[0]) == MODE_V2A)
+            _check(version >= 3 or not is_v2a, path, tensor_name(name, "meta"),
+                   f"mode v2a needs format version 3 (version 2 stored V2a scales as float16; quantize the "
+                   f"source again), the file says {version}")
             packed = validate_matrix(path, name, parts)
-            _check(version >= 2 or packed.mode == "v2", path, tensor_name(name, "meta"),
-                   f"mode {packed.mode} needs format version 2, the file says {version}")
             out.matrices[name] = packed
         for key in sorted(keys - owned):
             _check(".xfp_" not in key, path, key, "looks like part of a quantized matrix not listed in the metadata")

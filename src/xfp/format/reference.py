@@ -56,8 +56,10 @@ class PackedV2a:
     """One V2a matrix exactly as stored (docs/FORMAT.md).
 
     codes: [rows, ceil(cols*bits/8)] uint8 (packed like V2), library: [L, 2**bits] float16,
-    scale, offset: [rows, ceil(cols/group)] float16, ids: [rows, ceil(cols/group)] uint8 when L > 1,
-    [rows, 0] when L == 1, outlier_pos: [n] int32, outlier_val: [n] float16.
+    scale, offset: [rows, ceil(cols/group)] uint8 codes into scale_table, offset_table: [256] float16,
+    ids: [rows, ceil(cols/group)] uint8 when L > 1, [rows, 0] when L == 1, outlier_pos: [n] int32,
+    outlier_val: [n] float16, kept_cols: [m] int32 strictly increasing, kept_val: [rows, m] int8 in
+    [-127, 127], kept_scale: [m] float16 >= 0.
     """
 
     rows: int
@@ -67,10 +69,15 @@ class PackedV2a:
     codes: torch.Tensor
     library: torch.Tensor
     scale: torch.Tensor
+    scale_table: torch.Tensor
     offset: torch.Tensor
+    offset_table: torch.Tensor
     ids: torch.Tensor
     outlier_pos: torch.Tensor
     outlier_val: torch.Tensor
+    kept_cols: torch.Tensor
+    kept_val: torch.Tensor
+    kept_scale: torch.Tensor
 
     mode = "v2a"
 
@@ -81,7 +88,22 @@ class PackedV2a:
     @property
     def layout(self) -> V2aLayout:
         return V2aLayout(self.rows, self.cols, self.bits, int(self.outlier_pos.numel()), self.group,
-                         self.library_size)
+                         self.library_size, int(self.kept_cols.numel()))
+
+    @property
+    def group_scale(self) -> torch.Tensor:
+        """[rows, groups] float16: each group's decoded scale, scale_table[scale]."""
+        return self.scale_table[self.scale.long()]
+
+    @property
+    def group_offset(self) -> torch.Tensor:
+        """[rows, groups] float16: each group's decoded offset, offset_table[offset]."""
+        return self.offset_table[self.offset.long()]
+
+    @property
+    def kept_values(self) -> torch.Tensor:
+        """[rows, m] float16: the kept columns as decoded, kept_values(q, s)."""
+        return kept_values(self.kept_val, self.kept_scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """part -> tensor, as written to disk."""
@@ -89,10 +111,15 @@ class PackedV2a:
             "codes": self.codes,
             "library": self.library,
             "scale": self.scale,
+            "scale_table": self.scale_table,
             "offset": self.offset,
+            "offset_table": self.offset_table,
             "ids": self.ids,
             "outlier_pos": self.outlier_pos,
             "outlier_val": self.outlier_val,
+            "kept_cols": self.kept_cols,
+            "kept_val": self.kept_val,
+            "kept_scale": self.kept_scale,
             "meta": self.layout.meta(),
         }
 
@@ -125,6 +152,12 @@ def group_values(library: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
     return torch.addcmul(offset.float(), library.float(), scale.float()).half()
 
 
+def kept_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The kept-column rule: int8 q [rows, m], float16 scale [m] -> float16(float32(q) * float32(scale)), one
+    rounding (the product of an int8 and a float16 is exact in float32)."""
+    return (q.float() * scale.float()).half()
+
+
 def decoded_ends_finite(library: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, ids: torch.Tensor) -> bool:
     """Whether every V2a group decodes to finite values for *every* entry of its codebook.
 
@@ -138,12 +171,13 @@ def decoded_ends_finite(library: torch.Tensor, scale: torch.Tensor, offset: torc
 
 
 def reconstruct_v2a(indices: torch.Tensor, library: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                    ids: torch.Tensor, group: int, outlier_pos: torch.Tensor,
-                    outlier_val: torch.Tensor) -> torch.Tensor:
-    """V2a. indices: [rows, cols] uint8, library: [L, 2**b] fp16, scale/offset: [rows, groups] fp16,
-    ids: [rows, groups] uint8 (or [rows, 0] when L == 1) -> W_hat: [rows, cols] float16, where
-    W_hat[r, c] = group_values(library[id, index], scale[r, g], offset[r, g]), g = c // group,
-    id = ids[r, g] (0 when L == 1); then the outliers are put back."""
+                    ids: torch.Tensor, group: int, outlier_pos: torch.Tensor, outlier_val: torch.Tensor,
+                    kept_cols: torch.Tensor | None = None, kept_values: torch.Tensor | None = None) -> torch.Tensor:
+    """V2a. indices: [rows, cols] uint8, library: [L, 2**b] fp16, scale/offset: [rows, groups] fp16 (the
+    decoded group scales and offsets), ids: [rows, groups] uint8 (or [rows, 0] when L == 1)
+    -> W_hat: [rows, cols] float16, where W_hat[r, c] = group_values(library[id, index], scale[r, g],
+    offset[r, g]), g = c // group, id = ids[r, g] (0 when L == 1); then the outliers are put back, then the
+    kept columns: W_hat[:, kept_cols[j]] = kept_values[:, j] (float16, decoded by `kept_values`)."""
     rows, cols = indices.shape
     k = library.shape[1]
     flat_library = library.reshape(-1)
@@ -156,17 +190,20 @@ def reconstruct_v2a(indices: torch.Tensor, library: torch.Tensor, scale: torch.T
         if ids.shape[1]:
             flat = flat + ids[r0:r1].long()[:, g] * k
         out[r0:r1] = group_values(flat_library[flat], scale[r0:r1][:, g], offset[r0:r1][:, g])
-    return _put_outliers(out, outlier_pos, outlier_val)
+    _put_outliers(out, outlier_pos, outlier_val)
+    if kept_cols is not None and kept_cols.numel():
+        out[:, kept_cols.long()] = kept_values
+    return out
 
 
 def decode(packed: Packed) -> torch.Tensor:
     """Decode a stored matrix of either mode -> W_hat: [rows, cols] float16, exactly."""
     indices = unpack(packed.codes, packed.bits, packed.cols)
     if isinstance(packed, PackedV2a):
-        return reconstruct_v2a(indices, packed.library, packed.scale, packed.offset, packed.ids, packed.group,
-                               packed.outlier_pos, packed.outlier_val)
+        return reconstruct_v2a(indices, packed.library, packed.group_scale, packed.group_offset, packed.ids,
+                               packed.group, packed.outlier_pos, packed.outlier_val, packed.kept_cols, packed.kept_values)
     return reconstruct(indices, packed.codebook, packed.outlier_pos, packed.outlier_val)
 
 
-__all__ = ["DECODE_CHUNK", "Packed", "PackedV2", "PackedV2a", "decode", "decoded_ends_finite", "group_values",
+__all__ = ["DECODE_CHUNK", "Packed", "PackedV2", "PackedV2a", "decode", "decoded_ends_finite", "group_values", "kept_values",
            "reconstruct", "reconstruct_v2a"]

@@ -5,7 +5,8 @@ module, so that "honest bits" means one thing everywhere: 8 * (every stored byte
 in it). See docs/FORMAT.md, which this module implements.
 
 Two modes share one interface (`Layout`): `V2Layout` (one codebook per output channel) and `V2aLayout`
-(groups of G weights with an fp16 scale and offset each, indexing a per-matrix library of L codebooks).
+(groups of G weights with a scale and an offset each, coded as uint8 into per-matrix float16 tables,
+indexing a per-matrix library of L codebooks; plus hot input columns kept apart in int8).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ MODE_NAMES = {v: k for k, v in MODE_IDS.items()}
 PARTS = ("codes", "codebook", "outlier_pos", "outlier_val", "meta")
 """Suffixes of the tensors that store one V2 matrix, in the order they are written."""
 
-V2A_PARTS = ("codes", "library", "scale", "offset", "ids", "outlier_pos", "outlier_val", "meta")
+V2A_PARTS = ("codes", "library", "scale", "scale_table", "offset", "offset_table", "ids", "outlier_pos", "outlier_val",
+             "kept_cols", "kept_val", "kept_scale", "meta")
 """Suffixes of the tensors that store one V2a matrix, in the order they are written."""
 
 ALL_PARTS = tuple(dict.fromkeys(PARTS + V2A_PARTS))
@@ -42,13 +44,13 @@ ALL_PARTS = tuple(dict.fromkeys(PARTS + V2A_PARTS))
 META_FIELDS = ("mode", "rows", "cols", "bits")
 """The int32 entries of a V2 `meta` tensor, in order."""
 
-V2A_META_FIELDS = ("mode", "rows", "cols", "bits", "group", "library")
+V2A_META_FIELDS = ("mode", "rows", "cols", "bits", "group", "library", "kept")
 """The int32 entries of a V2a `meta` tensor, in order."""
 
 META_FIELDS_BY_MODE = {MODE_V2: META_FIELDS, MODE_V2A: V2A_META_FIELDS}
 
 FILE_METADATA_KEY = "xfp"
-"""The one header-metadata key of an XFP file: a JSON object {"format_version": 2, "matrices": [names]}.
+"""The one header-metadata key of an XFP file: a JSON object {"format_version": 3, "matrices": [names]}.
 One key, because safetensors writes header metadata in no fixed order and XFP files must be byte-stable."""
 
 
@@ -78,6 +80,10 @@ def row_bytes(cols: int, bits: int) -> int:
 def n_groups(cols: int, group: int) -> int:
     """Groups per row of a V2a matrix: ceil(cols / group); the last one is ragged when group does not divide cols."""
     return -(-cols // group)
+
+
+SCALE_TABLE = 256
+"""Entries of a V2a matrix's scale table and of its offset table (a group's code is one uint8)."""
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -185,7 +191,8 @@ class V2Layout(Layout):
 class V2aLayout(Layout):
     """Shapes, dtypes and sizes of one V2a matrix: `rows x cols` weights at `bits`, groups of `group`
     weights along each row (the last one ragged if `group` does not divide `cols`), a library of `library`
-    codebooks of 2**bits entries, and `n_outliers`. The `ids` part is [rows, 0] (no bytes) when library == 1.
+    codebooks of 2**bits entries, `n_outliers` sparse outliers and `kept` whole input columns stored apart
+    as int8 with one float16 scale per column. The `ids` part is [rows, 0] (no bytes) when library == 1.
     """
 
     rows: int
@@ -194,6 +201,7 @@ class V2aLayout(Layout):
     n_outliers: int
     group: int
     library: int
+    kept: int = 0
 
     mode = "v2a"
     mode_id = MODE_V2A
@@ -205,6 +213,8 @@ class V2aLayout(Layout):
             raise ValueError(f"group must be an integer >= 1, got {self.group!r}")
         if type(self.library) is not int or not 1 <= self.library <= MAX_LIBRARY:
             raise ValueError(f"library must be an integer in [1, {MAX_LIBRARY}], got {self.library!r}")
+        if type(self.kept) is not int or not 0 <= self.kept <= self.cols:
+            raise ValueError(f"kept columns must be an integer in [0, {self.cols}], got {self.kept!r}")
 
     @property
     def groups(self) -> int:
@@ -215,34 +225,40 @@ class V2aLayout(Layout):
         return {
             "codes": (torch.uint8, (self.rows, row_bytes(self.cols, self.bits))),
             "library": (torch.float16, (self.library, self.entries)),
-            "scale": (torch.float16, (self.rows, self.groups)),
-            "offset": (torch.float16, (self.rows, self.groups)),
+            "scale": (torch.uint8, (self.rows, self.groups)),
+            "scale_table": (torch.float16, (SCALE_TABLE,)),
+            "offset": (torch.uint8, (self.rows, self.groups)),
+            "offset_table": (torch.float16, (SCALE_TABLE,)),
             "ids": (torch.uint8, (self.rows, self.groups if self.library > 1 else 0)),
             "outlier_pos": (torch.int32, (self.n_outliers,)),
             "outlier_val": (torch.float16, (self.n_outliers,)),
+            "kept_cols": (torch.int32, (self.kept,)),
+            "kept_val": (torch.int8, (self.rows, self.kept)),
+            "kept_scale": (torch.float16, (self.kept,)),
             "meta": (torch.int32, (len(V2A_META_FIELDS),)),
         }
 
     def meta(self) -> torch.Tensor:
-        """meta: [6] int32 = (mode, rows, cols, bits, group, library)."""
-        return torch.tensor([MODE_V2A, self.rows, self.cols, self.bits, self.group, self.library], dtype=torch.int32)
+        """meta: [7] int32 = (mode, rows, cols, bits, group, library, kept)."""
+        return torch.tensor([MODE_V2A, self.rows, self.cols, self.bits, self.group, self.library, self.kept],
+                            dtype=torch.int32)
 
     def entry(self) -> dict[str, Any]:
         return {"mode": self.mode, "bits": self.bits, "outliers": self.n_outliers, "group": self.group,
-                "library": self.library}
+                "library": self.library, "kept": self.kept}
 
 
 def make_layout(mode: str, rows: int, cols: int, bits: int, n_outliers: int, *, group: int | None = None,
-                library: int | None = None) -> Layout:
+                library: int | None = None, kept: int | None = None) -> Layout:
     """The layout of a matrix in mode "v2" or "v2a" (group and library: v2a only, required there)."""
     if mode == "v2":
-        if group is not None or library is not None:
-            raise ValueError("group and library apply to mode 'v2a' only")
+        if group is not None or library is not None or kept:
+            raise ValueError("group, library and kept columns apply to mode 'v2a' only")
         return V2Layout(rows, cols, bits, n_outliers)
     if mode == "v2a":
         if group is None or library is None:
             raise ValueError("mode 'v2a' needs a group size and a library size")
-        return V2aLayout(rows, cols, bits, n_outliers, group, library)
+        return V2aLayout(rows, cols, bits, n_outliers, group, library, kept or 0)
     raise ValueError(f"mode must be one of {tuple(MODE_IDS)}, got {mode!r}")
 
 
@@ -262,6 +278,7 @@ __all__ = [
     "MODE_V2",
     "MODE_V2A",
     "PARTS",
+    "SCALE_TABLE",
     "V2A_META_FIELDS",
     "V2A_PARTS",
     "V2Layout",

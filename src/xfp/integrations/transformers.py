@@ -65,9 +65,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class XFPConfig(QuantizationConfigMixin):
     """`quantization_config` of an XFP model: the `QuantConfig` fields, plus what sizes each stored matrix.
 
-    As found in an XFP folder's config.json: `{"quant_method": "xfp", "format_version": 2, <QuantConfig
+    As found in an XFP folder's config.json: `{"quant_method": "xfp", "format_version": 3, <QuantConfig
     fields>, "matrices": {"model.layers.0.self_attn.q_proj.weight": {"bits": 4, "outliers": 123}, ...}}`
-    (an entry may also say "mode": "v2" or "v2a"; a v2a entry adds "group" and "library", see
+    (an entry may also say "mode": "v2" or "v2a"; a v2a entry adds "group", "library" and "kept", see
     `matrix_entries`).
     Passed to `from_pretrained` on a plain folder, it asks for quantize-on-load with these QuantConfig fields
     (`matrices` is then filled in from the quantized folder). `quantize_embeddings` is forwarded to the
@@ -108,9 +108,11 @@ class MatrixEntry:
     mode: str = "v2"
     group: int | None = None
     library: int | None = None
+    kept: int | None = None
 
     def layout(self, rows: int, cols: int) -> Layout:
-        return make_layout(self.mode, rows, cols, self.bits, self.outliers, group=self.group, library=self.library)
+        return make_layout(self.mode, rows, cols, self.bits, self.outliers, group=self.group, library=self.library,
+                           kept=self.kept)
 
 
 def _entry_problem(entry: Any) -> str | None:
@@ -126,14 +128,17 @@ def _entry_problem(entry: Any) -> str | None:
     if mode not in ("v2", "v2a"):
         return f"mode must be 'v2' or 'v2a', got {mode!r}"
     if mode == "v2":
-        if entry.get("group") is not None or entry.get("library") is not None:
-            return "'group' and 'library' belong to mode 'v2a' entries only"
+        if entry.get("group") is not None or entry.get("library") is not None or entry.get("kept"):
+            return "'group', 'library' and 'kept' belong to mode 'v2a' entries only"
         return None
     group, library = entry.get("group"), entry.get("library")
     if type(group) is not int or group < 1:
         return f"a mode 'v2a' entry needs an integer 'group' >= 1, got {group!r}"
     if type(library) is not int or not 1 <= library <= MAX_LIBRARY:
         return f"a mode 'v2a' entry needs an integer 'library' in [1, {MAX_LIBRARY}], got {library!r}"
+    kept = entry.get("kept", 0)
+    if type(kept) is not int or kept < 0:
+        return f"'kept' (columns kept apart in int8) must be an integer >= 0, got {kept!r}"
     return None
 
 
@@ -141,14 +146,15 @@ def matrix_entries(matrices: Mapping[str, Any], where: str | Path) -> dict[str, 
     """quantization_config.matrices -> {weight name: MatrixEntry}; FormatError on a bad entry.
 
     An entry is {"bits", "outliers"} plus optionally "mode" ("v2" when absent, as in version 1 folders);
-    a "v2a" entry also needs "group" and "library". Other keys ("class") are ignored."""
+    a "v2a" entry also needs "group" and "library" and may say "kept" (0 when absent). Other keys
+    ("class") are ignored."""
     out = {}
     for name, entry in matrices.items():
         problem = _entry_problem(entry)
         if problem is not None:
             raise FormatError(where, name, f"quantization_config.matrices: {problem}")
         out[name] = MatrixEntry(entry["bits"], entry["outliers"], entry.get("mode", "v2"), entry.get("group"),
-                                entry.get("library"))
+                                entry.get("library"), entry.get("kept"))
     return out
 
 
@@ -249,7 +255,7 @@ def _replace(model: nn.Module, target: _Target) -> None:
     lay = target.layout
     entry = lay.entry()
     module = XFPLinear(lay.cols, lay.rows, lay.bits, lay.n_outliers, bias is not None, mode=lay.mode,
-                       group=entry.get("group"), library=entry.get("library"), device="meta",
+                       group=entry.get("group"), library=entry.get("library"), kept=entry.get("kept"), device="meta",
                        dtype=None if bias is None else bias.dtype)
     model.set_submodule(target.module_path, module)
 

@@ -21,12 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from xfp import __version__
-from xfp.classify import Decision, classify
+from xfp.classify import Decision, TensorClass, classify
 from xfp.config import FORMAT_VERSION, QuantConfig
 from xfp.errors import XFPError
 from xfp.format import io
 from xfp.pipeline import report as reporting
 from xfp.pipeline.worker import init_worker, is_float_label, part_paths, process_tensor, run_in_worker
+from xfp.quantize import hot_columns
+from xfp.quantize.hot_columns import HotColumns
 from xfp.sources.base import TensorSource, open_source
 
 WORKDIR = ".xfp-work"
@@ -49,7 +51,8 @@ def quantize_model(src: str | Path, out: str | Path, config: QuantConfig, *, res
     workdir = _prepare_out(out, state, resume=resume, force=force)
     decisions = _decide(source, quantize_embeddings)
     started = time.perf_counter()
-    summaries = _run_parts(src, source, decisions, config, workdir, workers, progress, stop_after)
+    hot = hot_columns_of(source, decisions, config)
+    summaries = _run_parts(src, source, decisions, config, hot, workdir, workers, progress, stop_after)
     if summaries is None:
         raise XFPError(f"{out}: stopped after {stop_after} tensors; run again with --resume to finish")
     shards = _assemble(out, workdir, len(decisions), shard_bytes)
@@ -65,7 +68,7 @@ def quantize_model(src: str | Path, out: str | Path, config: QuantConfig, *, res
 
 def quantization_config(config: QuantConfig, summaries: list[dict]) -> dict:
     """The `quantization_config` entry of config.json: the config, plus what sizes each quantized buffer."""
-    layout_keys = ("mode", "bits", "outliers", "group", "library")
+    layout_keys = ("mode", "bits", "outliers", "group", "library", "kept")
     matrices = {s["name"]: {"class": s["class"], **{k: s[k] for k in layout_keys if k in s}}
                 for s in summaries if "bits" in s}
     return {"quant_method": "xfp", "format_version": FORMAT_VERSION, **config.to_dict(), "matrices": matrices}
@@ -119,8 +122,17 @@ def _decide(source: TensorSource, quantize_embeddings: bool) -> list[Decision]:
                      quantize_embeddings=quantize_embeddings) for name in source.tensor_names()]
 
 
-def _run_parts(src: Path, source: TensorSource, decisions: list[Decision], config: QuantConfig, workdir: Path,
-               workers: int, progress: bool, stop_after: int | None) -> list[dict] | None:
+def hot_columns_of(source: TensorSource, decisions: list[Decision], config: QuantConfig) -> HotColumns:
+    """The model's hot input columns (`xfp.quantize.hot_columns`) among the tensors to quantize; none unless
+    mode v2a with keep_columns > 0. A pure function of the source and config, so a resumed run agrees."""
+    if config.mode != "v2a" or config.keep_columns <= 0:
+        return HotColumns(0.0)
+    names = [d.name for d in decisions if d.cls is not TensorClass.KEEP]
+    return hot_columns.find(names, source.load, config.keep_columns)
+
+
+def _run_parts(src: Path, source: TensorSource, decisions: list[Decision], config: QuantConfig, hot: HotColumns,
+               workdir: Path, workers: int, progress: bool, stop_after: int | None) -> list[dict] | None:
     """Process every tensor not finished yet; None if stopped early by `stop_after`."""
     summaries: dict[int, dict] = {}
     todo = []
@@ -144,12 +156,12 @@ def _run_parts(src: Path, source: TensorSource, decisions: list[Decision], confi
 
     if workers <= 1:
         for i in todo:
-            done(process_tensor(source, i, decisions[i], config, workdir))
+            done(process_tensor(source, i, decisions[i], config, workdir, hot))
     else:
         threads = max(1, torch.get_num_threads() // workers)
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker,
                                  initargs=(str(src), threads)) as pool:
-            futures = [pool.submit(run_in_worker, i, decisions[i], config, str(workdir)) for i in todo]
+            futures = [pool.submit(run_in_worker, i, decisions[i], config, str(workdir), hot) for i in todo]
             for future in futures:
                 done(future.result())
     bar.close()

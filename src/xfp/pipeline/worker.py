@@ -17,6 +17,7 @@ from xfp.config import QuantConfig
 from xfp.format import io
 from xfp.format.spec import dense_bytes
 from xfp.quantize.autoselect import quantize_matrix
+from xfp.quantize.hot_columns import HotColumns
 from xfp.sources.base import TensorSource
 
 KEEP_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -49,8 +50,10 @@ def cosine_histogram(cos: torch.Tensor) -> list[int]:
 
 
 def process_tensor(source: TensorSource, index: int, decision: Decision, config: QuantConfig,
-                   workdir: Path) -> dict:
-    """Quantize or keep one tensor; write its part file and summary; return the summary."""
+                   workdir: Path, hot: HotColumns | None = None) -> dict:
+    """Quantize or keep one tensor; write its part file and summary; return the summary.
+
+    hot: the model's hot input columns (kept whole in float16 in mode v2a), or None for none."""
     name = decision.name
     tensor_path, summary_path = part_paths(workdir, index)
     label = source.tensor_dtype(name)
@@ -68,7 +71,9 @@ def process_tensor(source: TensorSource, index: int, decision: Decision, config:
                        bytes=dense_bytes(tuple(tensor.shape), tensor.dtype))
     else:
         floor = config.floor_strict if decision.cls is TensorClass.STRICT else config.floor_lazy
-        result = quantize_matrix(source.load(name), floor, config, name)
+        w = source.load(name)
+        kept = hot.columns(name, w) if hot is not None else None
+        result = quantize_matrix(w, floor, config, name, kept)
         content = io.XFPFile(matrices={name: result.packed})
         summary.update(result.summary())
         summary["class"] = decision.cls.value
@@ -101,6 +106,7 @@ def init_worker(src: str, threads: int) -> None:
     _WORKER_SOURCE = open_source(src)
 
 
-def run_in_worker(index: int, decision: Decision, config: QuantConfig, workdir: str) -> dict:
+def run_in_worker(index: int, decision: Decision, config: QuantConfig, workdir: str,
+                  hot: HotColumns | None = None) -> dict:
     assert _WORKER_SOURCE is not None
-    return process_tensor(_WORKER_SOURCE, index, decision, config, Path(workdir))
+    return process_tensor(_WORKER_SOURCE, index, decision, config, Path(workdir), hot)

@@ -20,7 +20,7 @@ import torch
 from xfp.config import QuantConfig
 from xfp.errors import XFPError
 from xfp.format.pack import pack
-from xfp.format.reference import Packed, PackedV2, decoded_ends_finite, reconstruct
+from xfp.format.reference import Packed, PackedV2, decoded_ends_finite, kept_values, reconstruct
 from xfp.format.spec import Layout, V2aLayout, V2Layout
 from xfp.quantize import library, lloyd, outliers
 from xfp.quantize.stats import all_statistics, cosine_from_sums, row_cosines, statistic
@@ -94,11 +94,11 @@ class _OutlierSet:
     norm2: torch.Tensor  # [rows] float64: sum over the row's outliers of fp16(w)^2
 
 
-def _outlier_positions(w: torch.Tensor, config: QuantConfig) -> list[torch.Tensor]:
+def _outlier_positions(w: torch.Tensor, config: QuantConfig, kept_cols: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The distinct outlier sets of the budgets: [n] int64 flat positions each, ascending."""
     found: dict[int, torch.Tensor] = {}
     for budget in sorted(set(config.outliers.budgets)):
-        pos = outliers.select(w, config.outliers, budget)
+        pos = outliers.select(w, config.outliers, budget, kept_cols)
         found.setdefault(pos.numel(), pos)  # caps keep the largest first, so equal counts mean equal sets
     return list(found.values())
 
@@ -120,17 +120,27 @@ def _outlier_sets(w: torch.Tensor, rows: lloyd.SortedRows, positions: list[torch
     return list(sets.values())
 
 
-def quantize_matrix(w: torch.Tensor, floor: float, config: QuantConfig, name: str = "tensor") -> MatrixResult:
+def quantize_matrix(w: torch.Tensor, floor: float, config: QuantConfig, name: str = "tensor",
+                    kept_cols: torch.Tensor | None = None) -> MatrixResult:
     """w: [out, in] floating -> the cheapest matrix in `config.mode` whose `config.statistic` cosine meets
     `floor` (or the best one, marked `meets_floor=False`).
 
-    The input is never modified.
+    kept_cols: (mode v2a) input columns to store apart in int8 (`xfp.quantize.hot_columns`), int64
+    ascending. The input is never modified.
     """
     check_weight(w, name)
     w32 = w.detach().to(torch.float32, copy=True)
-    positions = _outlier_positions(w32, config)
+    if kept_cols is not None and kept_cols.numel():
+        if config.mode != "v2a":
+            raise XFPError(f"tensor '{name}': kept columns need mode v2a")
+        kept_cols = torch.unique(kept_cols.long())
+        if int(kept_cols.min()) < 0 or int(kept_cols.max()) >= w32.shape[1]:
+            raise XFPError(f"tensor '{name}': kept columns must lie in [0, {w32.shape[1]})")
+    else:
+        kept_cols = torch.zeros(0, dtype=torch.int64)
+    positions = _outlier_positions(w32, config, kept_cols)
     if config.mode == "v2a":
-        return _quantize_v2a(name, w32, positions, floor, config)
+        return _quantize_v2a(name, w32, positions, floor, config, kept_cols)
     n_rows, n_cols = w32.shape
     rows = lloyd.sort_rows(w32)
     norm2_w = (w32.double() ** 2).sum(1)
@@ -179,24 +189,28 @@ auto-select keeps for reuse across widths; about 6 bytes per weight each, more w
 
 
 def _quantize_v2a(name: str, w32: torch.Tensor, positions: list[torch.Tensor], floor: float,
-                  config: QuantConfig) -> MatrixResult:
+                  config: QuantConfig, kept_cols: torch.Tensor) -> MatrixResult:
     """Mode v2a: candidates width x group size x outlier set, cheapest first; each is screened from per-row
     sums taken while assigning (the exact decoded values, summed in another order than `row_cosines`), and
     the first that passes is confirmed on the real reconstruction."""
     n_rows, n_cols = w32.shape
     flat = w32.reshape(-1)
     norm2_w = (w32.double() ** 2).sum(1)
-    outlier_sums = {}  # n -> (dot, norm2): [rows] float64 over the outliers, as put back in float16
+    kept = w32[:, kept_cols]
+    kept_hat = kept_values(*library.code_kept(kept)).double()
+    kept_dot, kept_norm2 = (kept.double() * kept_hat).sum(1), (kept_hat ** 2).sum(1)
+    outlier_sums = {}  # n -> (dot, norm2): [rows] float64 over the outliers and kept columns, as decoded
     for pos in positions:
         val, val16, row = flat[pos].double(), flat[pos].half().double(), pos // n_cols
-        outlier_sums[pos.numel()] = (torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val * val16),
-                                     torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val16 * val16))
+        outlier_sums[pos.numel()] = (
+            torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val * val16) + kept_dot,
+            torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val16 * val16) + kept_norm2)
     cache: dict[tuple[int, int], library.Groups] = {}
     tried: list[dict] = []
     best = None  # (screened statistic, candidate, outlier positions), kept in case none meets the floor
     for widths in (config.bits, config.escalation_bits):
         candidates = sorted(
-            ((V2aLayout(n_rows, n_cols, b, pos.numel(), g, config.library_size), pos)
+            ((V2aLayout(n_rows, n_cols, b, pos.numel(), g, config.library_size, kept_cols.numel()), pos)
              for b in widths for g in config.group_size for pos in positions),
             key=lambda c: (c[0].total_bytes, c[0].bits, c[0].group, c[0].n_outliers),
         )
@@ -204,7 +218,7 @@ def _quantize_v2a(name: str, w32: torch.Tensor, positions: list[torch.Tensor], f
             key = (layout.group, layout.n_outliers)
             groups = cache.get(key)
             if groups is None:
-                groups = library.normalise(w32, layout.group, library.outlier_mask((n_rows, n_cols), pos))
+                groups = library.normalise(w32, layout.group, library.outlier_mask((n_rows, n_cols), pos, kept_cols))
                 while len(cache) >= GROUPS_KEPT:
                     cache.pop(next(iter(cache)))
                 cache[key] = groups
@@ -215,20 +229,20 @@ def _quantize_v2a(name: str, w32: torch.Tensor, positions: list[torch.Tensor], f
             tried.append({"bits": layout.bits, "group": layout.group, "outliers": layout.n_outliers,
                           "bytes": layout.total_bytes, "screened": screened})
             if screened >= floor:
-                result = _finish_v2a(name, w32, candidate, pos, floor, config, tried)
+                result = _finish_v2a(name, w32, candidate, pos, floor, config, tried, kept_cols)
                 if result.meets_floor:
                     return result
             if best is None or screened > best[0]:
                 best = (screened, candidate, pos)
     _, candidate, pos = best
-    return _finish_v2a(name, w32, candidate, pos, floor, config, tried)
+    return _finish_v2a(name, w32, candidate, pos, floor, config, tried, kept_cols)
 
 
 def _finish_v2a(name: str, w32: torch.Tensor, candidate: library.Candidate, pos: torch.Tensor, floor: float,
-                config: QuantConfig, tried: list[dict]) -> MatrixResult:
+                config: QuantConfig, tried: list[dict], kept_cols: torch.Tensor) -> MatrixResult:
     """Pack a v2a candidate and judge its real reconstruction exactly."""
-    packed, w_hat = library.build(candidate, pos.to(torch.int32), w32.reshape(-1)[pos].to(torch.float16))
-    if not decoded_ends_finite(packed.library, packed.scale, packed.offset, packed.ids):
+    packed, w_hat = library.build(candidate, pos.to(torch.int32), w32.reshape(-1)[pos].to(torch.float16), kept_cols)
+    if not decoded_ends_finite(packed.library, packed.group_scale, packed.group_offset, packed.ids):
         raise XFPError(f"tensor '{name}': weights too close to the float16 limit for mode v2a "
                        "(a group's decoded range overflows float16); quantize it in mode v2")
     cosines = row_cosines(w32, w_hat)

@@ -3,10 +3,13 @@
 Steps for one matrix `w: [rows, cols]` at `bits`, group size G, library size L, and a set of outliers:
 
 1. Groups (`normalise`): each row is cut into groups of G weights along the input dimension (the last
-   one ragged). On a group's non-outlier weights, offset = (max + min) / 2 and scale = (max - min) / 2
-   (computed in float64, stored as float16; both 0 for a group with no such weight; a constant group gets
-   scale 0 and decodes to its offset). Normalised values z = (w - offset) / scale, with the stored float16
-   offset and scale, are what the library is fitted on; outliers and zero-scale groups take no part.
+   one ragged). On a group's *coded* weights (neither outliers nor in a kept column), offset = (max + min)
+   / 2 and scale = (max - min) / 2 (float64; both 0 for a group with no such weight; a constant group gets
+   scale 0 and decodes to its offset). Each is stored as a uint8 code into a per-matrix table of 256
+   float16 values (`scale_tables`): scales on a geometric grid (code 0 = exactly 0), offsets on a uniform
+   grid symmetric about an exact 0; a group takes the nearest entry (scales: nearest in log). Normalised
+   values z = (w - offset) / scale, with the decoded float16 offset and scale, are what the library is
+   fitted on; outliers, kept columns and zero-scale groups take no part.
 2. Library (`fit_library`), unweighted in normalised space:
    - L = 1: one 2**bits-level Lloyd codebook on every normalised value of the matrix;
    - L > 1 (the published V2a recipe): a 2**bits-level Lloyd codebook per group; those codebooks, as
@@ -36,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from xfp.format.pack import pack
-from xfp.format.reference import PackedV2a, group_values
-from xfp.format.spec import V2aLayout, n_groups
+from xfp.format.reference import PackedV2a, group_values, kept_values
+from xfp.format.spec import SCALE_TABLE, V2aLayout, n_groups
 from xfp.quantize import lloyd
 
 KMEANS_SEED = 0
@@ -59,9 +62,11 @@ ASSIGN_CHUNK = 1 << 22
 class Groups:
     """One matrix cut into groups of `group` weights and normalised.
 
-    w: [rows, cols] float32, the weights; outlier: [rows, cols] bool; scale, offset: [rows, groups] float16
-    (as stored); z: [rows, cols] float32, the normalised values (0 where not fitted); fitted: [rows, cols]
-    bool, True for the non-outlier weights of groups with scale > 0.
+    w: [rows, cols] float32, the weights; outlier: [rows, cols] bool, True for the weights the groups do not
+    code (sparse outliers and kept columns); scale, offset: [rows, groups] float16, the decoded values;
+    scale_code, offset_code: [rows, groups] uint8 and scale_table, offset_table: [256] float16, as stored;
+    z: [rows, cols] float32, the normalised values (0 where not fitted); fitted: [rows, cols] bool, True for
+    the coded weights of groups with scale > 0.
     """
 
     group: int
@@ -71,6 +76,10 @@ class Groups:
     offset: torch.Tensor
     z: torch.Tensor
     fitted: torch.Tensor
+    scale_code: torch.Tensor
+    scale_table: torch.Tensor
+    offset_code: torch.Tensor
+    offset_table: torch.Tensor
 
     @cached_property
     def histogram(self) -> tuple[lloyd.SortedRows, torch.Tensor]:
@@ -124,8 +133,43 @@ def _normalise(w, outlier, group, scale, offset, z, fitted):
                 fitted[r, c] = False
 
 
+SCALE_RANGE = 2.0 ** -16
+"""The geometric scale grid spans [max scale * SCALE_RANGE, max scale]; smaller scales take the grid's
+smallest step or 0, whichever is nearer in log (0 only for groups of exactly zero range)."""
+
+
+def _nearest(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """table: [n] ascending float64, x: float64 -> the index of the nearest entry (ties to the upper)."""
+    mids = (table[1:] + table[:-1]) / 2
+    return torch.bucketize(x, mids, right=True)
+
+
+def scale_tables(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """True group scales (>= 0) and offsets, float64 [rows, groups] -> (scale_code uint8, scale_table [256]
+    float16, offset_code uint8, offset_table [256] float16): module doc, step 1."""
+    n = SCALE_TABLE
+    top = float(scale.max()) if scale.numel() else 0.0
+    if top > 0:
+        grid = top * SCALE_RANGE ** (torch.arange(n - 2, -1, -1, dtype=torch.float64) / (n - 2))
+        s_table = torch.cat([torch.zeros(1, dtype=torch.float64), grid]).half()
+    else:
+        s_table = torch.zeros(n, dtype=torch.float16)
+    s_table = torch.sort(s_table.float()).values.half()
+    positive = s_table.double().clamp_min(1e-300).log()
+    code = _nearest(positive, scale.clamp_min(1e-300).log())
+    code = torch.where(scale > 0, code.clamp_min(1), 0)
+    reach = float(offset.abs().max()) if offset.numel() else 0.0
+    step = reach / (n // 2 - 1) if reach > 0 else 1.0
+    # entry 0 (-128 steps) lies beyond R: clamped to the float16 range, it stays finite when R is near 65504
+    top16 = torch.finfo(torch.float16).max
+    o_table = ((torch.arange(n, dtype=torch.float64) - n // 2) * step).clamp(-top16, top16).half()
+    o_code = _nearest(o_table.double(), offset)
+    return code.to(torch.uint8), s_table, o_code.to(torch.uint8), o_table
+
+
 def normalise(w: torch.Tensor, group: int, outlier: torch.Tensor) -> Groups:
-    """w: [rows, cols] float32, outlier: [rows, cols] bool -> the matrix's groups (see the module doc)."""
+    """w: [rows, cols] float32, outlier: [rows, cols] bool (True for weights the groups do not code)
+    -> the matrix's groups (see the module doc)."""
     rows, cols = w.shape
     w = w.contiguous()
     ng = n_groups(cols, group)
@@ -134,12 +178,14 @@ def normalise(w: torch.Tensor, group: int, outlier: torch.Tensor) -> Groups:
     w_np, out_np = w.numpy(), outlier.contiguous().numpy()
     _group_range(w_np, out_np, group, lo, hi, has)
     lo, hi, has = torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(has)
-    offset = torch.where(has, (hi + lo) / 2, 0.0).half()
-    scale = torch.where(has, (hi - lo) / 2, 0.0).half()
+    scale_code, scale_table, offset_code, offset_table = scale_tables(torch.where(has, (hi - lo) / 2, 0.0),
+                                                                      torch.where(has, (hi + lo) / 2, 0.0))
+    scale, offset = scale_table[scale_code.long()], offset_table[offset_code.long()]
     z = np.empty((rows, cols), dtype=np.float32)
     fitted = np.empty((rows, cols), dtype=np.bool_)
     _normalise(w_np, out_np, group, scale.float().numpy(), offset.float().numpy(), z, fitted)
-    return Groups(group, w, outlier.contiguous(), scale, offset, torch.from_numpy(z), torch.from_numpy(fitted))
+    return Groups(group, w, outlier.contiguous(), scale, offset, torch.from_numpy(z), torch.from_numpy(fitted),
+                  scale_code, scale_table, offset_code, offset_table)
 
 
 HISTOGRAM_BINS = 1 << 16
@@ -459,34 +505,60 @@ def evaluate(layout: V2aLayout, groups: Groups, iterations: int) -> Candidate:
     return Candidate(layout, groups, library, ids, *assign(groups, library, ids))
 
 
-def build(candidate: Candidate, outlier_pos: torch.Tensor, outlier_val: torch.Tensor) -> tuple[PackedV2a, torch.Tensor]:
+KEPT_SCALE_MAX = 515.5
+"""The largest float16 kept-column scale s with 127 * s finite in float16 (127 * 516 rounds to inf)."""
+
+
+def code_kept(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept columns [rows, m] float32 -> (int8 [rows, m], float16 scale [m]): per column, scale = absmax / 127
+    (rounded to float16, 1 for an all-zero column) and q = round(w / scale) clamped to [-127, 127]."""
+    scale = (columns.abs().amax(0) / 127).half() if columns.numel() else torch.zeros(columns.shape[1], dtype=torch.float16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # absmax near 65504 rounds the scale up to 516, and 127 * 516 overflows float16: cap it at 515.5
+    scale = torch.minimum(scale, torch.tensor(KEPT_SCALE_MAX, dtype=torch.float16))
+    q = torch.round(columns / scale.float()).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def build(candidate: Candidate, outlier_pos: torch.Tensor, outlier_val: torch.Tensor,
+          kept_cols: torch.Tensor | None = None) -> tuple[PackedV2a, torch.Tensor]:
     """Packing and the reconstruction -> (stored matrix, W_hat: [rows, cols] float16), W_hat equal to
     `decode(packed)` bit for bit (module doc, step 3).
 
-    outlier_pos: [n] int32 flat ascending (the candidate's outliers), outlier_val: [n] float16."""
+    outlier_pos: [n] int32 flat ascending (the candidate's outliers), outlier_val: [n] float16;
+    kept_cols: [m] int32 ascending, the input columns stored apart in int8 (`code_kept`; none when None)."""
     lay, groups = candidate.layout, candidate.groups
     w_hat = candidate.w_hat.half()
     if outlier_pos.numel():
         w_hat.view(-1)[outlier_pos.long()] = outlier_val
+    kept_cols = torch.zeros(0, dtype=torch.int32) if kept_cols is None else kept_cols.to(torch.int32)
+    kept_val, kept_scale = code_kept(groups.w[:, kept_cols.long()])
+    if kept_cols.numel():
+        w_hat[:, kept_cols.long()] = kept_values(kept_val, kept_scale)
     ids = candidate.ids if lay.library > 1 else torch.zeros((lay.rows, 0), dtype=torch.uint8)
     packed = PackedV2a(lay.rows, lay.cols, lay.bits, lay.group, pack(candidate.indices, lay.bits), candidate.library,
-                       groups.scale, groups.offset, ids, outlier_pos, outlier_val)
+                       groups.scale_code, groups.scale_table, groups.offset_code, groups.offset_table, ids,
+                       outlier_pos, outlier_val, kept_cols, kept_val, kept_scale)
     return packed, w_hat
 
 
-def outlier_mask(shape: tuple[int, int], outlier_pos: torch.Tensor) -> torch.Tensor:
-    """[n] flat positions -> [rows, cols] bool."""
+def outlier_mask(shape: tuple[int, int], outlier_pos: torch.Tensor, kept_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """[n] flat positions (and [m] kept columns) -> [rows, cols] bool, True where the groups do not code."""
     mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
     mask[outlier_pos.long()] = True
-    return mask.view(shape)
+    mask = mask.view(shape)
+    if kept_cols is not None and kept_cols.numel():
+        mask[:, kept_cols.long()] = True
+    return mask
 
 
-def quantize(w: torch.Tensor, layout: V2aLayout, outlier_pos: torch.Tensor,
-             iterations: int = 16) -> tuple[PackedV2a, torch.Tensor]:
-    """w: [rows, cols] float32, outlier_pos: [n] int64 flat ascending -> (stored V2a matrix, W_hat float16)."""
-    groups = normalise(w, layout.group, outlier_mask(tuple(w.shape), outlier_pos))
+def quantize(w: torch.Tensor, layout: V2aLayout, outlier_pos: torch.Tensor, iterations: int = 16,
+             kept_cols: torch.Tensor | None = None) -> tuple[PackedV2a, torch.Tensor]:
+    """w: [rows, cols] float32, outlier_pos: [n] int64 flat ascending (none in a kept column), kept_cols: [m]
+    int64 ascending -> (stored V2a matrix, W_hat float16)."""
+    groups = normalise(w, layout.group, outlier_mask(tuple(w.shape), outlier_pos, kept_cols))
     candidate = evaluate(layout, groups, iterations)
-    return build(candidate, outlier_pos.to(torch.int32), w.reshape(-1)[outlier_pos].to(torch.float16))
+    return build(candidate, outlier_pos.to(torch.int32), w.reshape(-1)[outlier_pos].to(torch.float16), kept_cols)
 
 
 __all__ = ["Candidate", "Groups", "assign", "best_codebooks", "build", "evaluate", "fit_library", "normalise",

@@ -17,8 +17,9 @@ def sigma_candidates(w: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Ten
     return pos, dev[pos]
 
 
-def select(w: torch.Tensor, rule: OutlierConfig, budget: float) -> torch.Tensor:
-    """Outlier positions under a cap of `budget` * numel, largest deviations first.
+def select(w: torch.Tensor, rule: OutlierConfig, budget: float, kept_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """Outlier positions under a cap of `budget` * numel, largest deviations first; none in `kept_cols`
+    (input columns stored whole, which need no outliers).
 
     -> positions: [n] int64, flat row*cols+col, strictly increasing.
     """
@@ -26,6 +27,9 @@ def select(w: torch.Tensor, rule: OutlierConfig, budget: float) -> torch.Tensor:
     if cap == 0:
         return torch.empty(0, dtype=torch.int64)
     pos, dev = sigma_candidates(w, rule.k)
+    if kept_cols is not None and kept_cols.numel():
+        free = ~torch.isin(pos % w.shape[1], kept_cols.long())
+        pos, dev = pos[free], dev[free]
     if pos.numel() > cap:
         keep = torch.sort(dev, descending=True, stable=True).indices[:cap]
         pos = torch.sort(pos[keep]).values

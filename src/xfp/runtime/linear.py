@@ -2,7 +2,8 @@
 
 The module holds the stored tensors as buffers named exactly like the file's tensors (V2:
 `<module>.xfp_codes`, `.xfp_codebook`, `.xfp_outlier_pos`, `.xfp_outlier_val`, `.xfp_meta`; V2a: `.xfp_codes`,
-`.xfp_library`, `.xfp_scale`, `.xfp_offset`, `.xfp_ids`, `.xfp_outlier_pos`, `.xfp_outlier_val`, `.xfp_meta`),
+`.xfp_library`, `.xfp_scale`, `.xfp_scale_table`, `.xfp_offset`, `.xfp_offset_table`, `.xfp_ids`,
+`.xfp_outlier_pos`, `.xfp_outlier_val`, `.xfp_kept_cols`, `.xfp_kept_val`, `.xfp_kept_scale`, `.xfp_meta`),
 sized from the layout table (`xfp.format.spec`), so a folder's state dict loads into it with no renaming,
 plus an optional dense `bias`. The dense matrix is never kept: every forward of a V2 matrix hands the packed
 parts to the kernel chosen by `xfp.runtime.dispatch`; a V2a matrix takes the exact reference decode
@@ -36,8 +37,10 @@ class XFPLinear(nn.Module):
     Buffers: `make_layout(mode, out_features, in_features, bits, n_outliers, group=, library=).tensors()`,
     e.g. mode "v2": xfp_codes [out, ceil(in*bits/8)] uint8, xfp_codebook [out, 2**bits] float16,
     xfp_outlier_pos [n] int32, xfp_outlier_val [n] float16, xfp_meta [4] int32; mode "v2a" (group and
-    library required): xfp_codes, xfp_library [library, 2**bits] float16, xfp_scale and xfp_offset
-    [out, ceil(in/group)] float16, xfp_ids [out, ceil(in/group) or 0] uint8, the outliers, xfp_meta [6] int32.
+    library required, kept optional): xfp_codes, xfp_library [library, 2**bits] float16, xfp_scale and
+    xfp_offset [out, ceil(in/group)] uint8 with xfp_scale_table and xfp_offset_table [256] float16, xfp_ids
+    [out, ceil(in/group) or 0] uint8, the outliers, xfp_kept_cols [kept] int32, xfp_kept_val [out, kept]
+    int8, xfp_kept_scale [kept] float16, xfp_meta [7] int32.
     bias: [out] in the model's dtype, or None.
 
     The float16 parts keep their dtype through `module.to(dtype)`, `.half()`, `.bfloat16()`...: they are the
@@ -45,11 +48,12 @@ class XFPLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, n_outliers: int, bias: bool = True, *,
-                 mode: str = "v2", group: int | None = None, library: int | None = None,
+                 mode: str = "v2", group: int | None = None, library: int | None = None, kept: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         # raises ValueError on a bad shape, width, mode, group or library size
-        layout = make_layout(mode, out_features, in_features, bits, n_outliers, group=group, library=library)
+        layout = make_layout(mode, out_features, in_features, bits, n_outliers, group=group, library=library,
+                             kept=kept)
         self.layout: Layout = layout
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         for part, (part_dtype, shape) in layout.tensors().items():
@@ -79,7 +83,7 @@ class XFPLinear(nn.Module):
         extra = layout.entry()
         module = cls(packed.cols, packed.rows, packed.bits, layout.n_outliers, bias is not None,
                      mode=layout.mode, group=extra.get("group"), library=extra.get("library"),
-                     device="meta", dtype=None if bias is None else bias.dtype)
+                     kept=extra.get("kept"), device="meta", dtype=None if bias is None else bias.dtype)
         for part in layout.parts:
             setattr(module, buffer_name(part), parts[part].to(packed.codes.device))
         if bias is not None:
@@ -93,9 +97,11 @@ class XFPLinear(nn.Module):
     def packed(self) -> Packed:
         """The stored matrix (the module's own tensors, not copies)."""
         if self.layout.mode == "v2a":
-            return PackedV2a(self.out_features, self.in_features, self.bits, self.layout.group, self.xfp_codes,
-                             self.xfp_library, self.xfp_scale, self.xfp_offset, self.xfp_ids, self.xfp_outlier_pos,
-                             self.xfp_outlier_val)
+            b = self._buffers
+            return PackedV2a(self.out_features, self.in_features, self.bits, self.layout.group, b["xfp_codes"],
+                             b["xfp_library"], b["xfp_scale"], b["xfp_scale_table"], b["xfp_offset"],
+                             b["xfp_offset_table"], b["xfp_ids"], b["xfp_outlier_pos"], b["xfp_outlier_val"],
+                             b["xfp_kept_cols"], b["xfp_kept_val"], b["xfp_kept_scale"])
         b = self._buffers  # direct: this runs on every forward, and Module.__getattr__ is slow
         return PackedV2(self.out_features, self.in_features, self.bits, b["xfp_codes"], b["xfp_codebook"],
                         b["xfp_outlier_pos"], b["xfp_outlier_val"])
@@ -121,7 +127,7 @@ class XFPLinear(nn.Module):
             raise FormatError(path, tensor_name(name, "meta"),
                               f"says {stored[0]}x{stored[1]} at {stored[2]} bits, but the layer is "
                               f"{expected[0]}x{expected[1]} at {expected[2]} bits")
-        shape_keys = ("mode", "group", "library")
+        shape_keys = ("mode", "group", "library", "kept")
         stored_kind = {k: v for k, v in packed.layout.entry().items() if k in shape_keys}
         expected_kind = {k: v for k, v in self.layout.entry().items() if k in shape_keys}
         if stored_kind != expected_kind:
@@ -143,7 +149,8 @@ class XFPLinear(nn.Module):
 
     def extra_repr(self) -> str:
         entry = self.layout.entry()
-        extra = f", mode=v2a, group={entry['group']}, library={entry['library']}" if self.mode == "v2a" else ""
+        extra = (f", mode=v2a, group={entry['group']}, library={entry['library']}, kept={entry['kept']}"
+                 if self.mode == "v2a" else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"outliers={self.n_outliers}{extra}, bias={self.bias is not None}")
 
