@@ -441,13 +441,7 @@ def _assign(w, outlier, table, group, idx, w_hat, dot, norm2):
                     for j in range(k - 1):
                         lo += t[j] <= x
                 else:
-                    lo, hi = 0, k - 1
-                    while lo < hi:
-                        mid = (lo + hi) >> 1
-                        if t[mid] <= x:
-                            lo = mid + 1
-                        else:
-                            hi = mid
+                    lo = lloyd.thresholds_at_most(t, x)
                 idx[r, c] = lo
                 v = d[lo]
                 w_hat[r, c] = v

@@ -117,6 +117,19 @@ def _screen(values, mass, codebook, dot, norm2):
         norm2[r] = n
 
 
+@numba.njit(cache=True, inline="always")
+def thresholds_at_most(t, x):
+    """How many of the ascending float32 thresholds t are <= x: the index of x's entry (ties go up)."""
+    lo, hi = 0, t.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if t[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 @numba.njit(cache=True, parallel=True)
 def _assign(w, codebook, out):
     rows, cols = w.shape
@@ -126,16 +139,7 @@ def _assign(w, codebook, out):
         for j in range(k - 1):
             t[j] = np.float32((codebook[r, j] + codebook[r, j + 1]) * 0.5)
         for i in range(cols):
-            # index = how many thresholds are <= w
-            lo, hi = 0, k - 1
-            x = w[r, i]
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if t[mid] <= x:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            out[r, i] = lo
+            out[r, i] = thresholds_at_most(t, w[r, i])
 
 
 def fit(rows: SortedRows, mass: torch.Tensor, k: int, iterations: int) -> torch.Tensor:
