@@ -45,25 +45,23 @@ tables below are the regenerated runs):
 1. The published recipe (one Lloyd codebook per output channel, 4-sigma outliers up to 2%) loses to
    round-to-nearest at matched bits (row `lloyd3-channel`), though its per-row cosine and MSE are *better*.
    Per-row error statistics do not predict model quality.
-2. Per-group normalisation with a learned codebook has the lowest weight MSE of all methods at 3 bits, yet
-   its KL was no better than NF3's: the quality of these models is decided by a few input channels.
-   Tracing E[x^2] per input column (a diagnostic only, never used by the quantizer) found one down_proj
-   input neuron of SmolLM2 with 7e5 times the median second moment and residual dimensions (17, 247, 507...)
-   hundreds of times above the rest: "massive activations". An error in a weight that reads them is
+2. Per-group normalisation with a learned codebook, without kept columns, lowers weight error but not KL
+   enough (row `xfp3-g128-nokeep`): the quality of these models is decided by a few input channels.
+   Tracing E[x^2] per input column (a one-off diagnostic, never used by the quantizer, not kept in the
+   repository) found down_proj input neurons and residual dimensions (17, 247, 507...) whose second moments
+   are orders of magnitude above the rest: "massive activations". An error in a weight that reads them is
    multiplied by them.
 3. They can be found from the weights alone: the matrices that write into the residual stream carry extreme
-   weights exactly in those rows (down_proj row 507 holds the largest weight of 25 of SmolLM2's 30 layers),
-   and down_proj carries them in the hot neurons' columns. Keeping those columns apart (int8, a scale per
-   column) cut KL at 3 bits, group 128 from 2.02 (`xfp3-g128-nokeep`) to about 0.7 for ~0.07 bits.
-   Keeping them in fp16 instead of int8 cost 0.07 bits more for a KL gain of 0.04; fewer hot dimensions
-   (voted by >= 4 writers instead of 2) or only the largest one lost most of the gain (KL 0.80, 1.13).
-4. Scales and offsets as uint8 codes into per-matrix tables (geometric for scales, uniform for offsets)
-   matched fp16 scales and offsets in KL (1.36-1.40 vs 1.38) at 0.25 fewer bits per weight at group 64.
-5. Did not help: weighting the Lloyd objective by the RMSNorm gain squared (worse), absmax normalisation
-   with a learned codebook (no exact zero: a group holding one large weight decodes its small weights to
-   +-8% of that weight; KL 3.9), pinning the codebook ends to the group's min and max (worse), the
-   published 32-codebook library over one codebook per matrix (see `xfp*-g128-L32`: more bits per
-   unit of KL).
+   weights exactly in those rows, and down_proj carries them in the hot neurons' columns
+   (`xfp.quantize.hot_columns`). Keeping those columns apart in int8 is the difference between the rows
+   `xfp3-g128-nokeep` / `xfp4-g128-nokeep` and the floor sweep above.
+4. Exploratory runs on 8 windows (scripts not kept, so treat these as leads, not results) also tried and
+   dropped: fp16 scales and offsets (same KL as the one-byte codes at 0.25 more bits per weight at group
+   64), kept columns in fp16 (slightly lower KL for ~0.07 more bits), fewer hot dimensions (most of the
+   gain lost), RMSNorm-gain weighting of the Lloyd objective, absmax normalisation with a learned codebook
+   (no exact zero: catastrophic), codebook ends pinned to each group's min and max.
+5. The published 32-codebook library (`xfp*-g128-L32`) against one codebook per matrix: compare their rows
+   with the sweep at equal bits.
 6. The floor keeps its meaning inside one mode: raising it never lowers the bits nor raises the KL. It does
    not compare across modes (point 1), which is why XFP judges one mode, the one that wins."""
 
