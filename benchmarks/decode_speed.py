@@ -1,7 +1,8 @@
 """End-to-end greedy decode speed at batch 1: an XFP model against its source in torch float32 and bfloat16.
 
 For each model (the default SmolLM2-135M-Instruct; `--models default gemma` adds Gemma-3-270M): the XFP
-folder is quantized once with the default `QuantConfig()` into `$XFP_CACHE/bench/` (reused afterwards);
+folder is quantized once with the default `QuantConfig()` (mode V2a) into `$XFP_CACHE/bench/` (reused
+afterwards; the folder name carries the default mode and the format version);
 the source is the float32 Hugging Face folder the package fetches. All variants run through transformers
 `generate` (greedy, KV cache, batch 1) at the same thread count, their runs interleaved:
 
@@ -11,7 +12,8 @@ the source is the float32 Hugging Face folder the package fetches. All variants 
 
 Decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1), so the prompt's prefill is
 not counted. Also printed: weight bytes each decode step reads (matrices as stored, plus dense tensors used
-as matmuls, e.g. a tied lm_head), the thing that bounds batch-1 decode on a CPU.
+as matmuls, e.g. a tied lm_head), the thing that bounds batch-1 decode on a CPU, and where a step's time
+goes (decoder matrices, lm_head, the rest).
 
 Usage: python benchmarks/decode_speed.py [--models default gemma] [--threads 1 2] [--tokens 64] [--quick]
 """
@@ -49,11 +51,13 @@ def model_paths(name: str) -> tuple[str, Path, Path]:
 def xfp_folder(gguf: Path) -> Path:
     """The XFP folder of `gguf` under the default config, quantized now if it is not cached yet."""
     from xfp.config import QuantConfig
+    from xfp.format.spec import FORMAT_VERSION
     from xfp.pipeline import quantize_model
     from xfp.pipeline.run import out_is_complete
     from xfp.sources import cache_dir
 
-    out = cache_dir() / "bench" / f"{gguf.stem}-xfp"
+    # the default mode and the format version name the folder: a folder made under another default is not reused
+    out = cache_dir() / "bench" / f"{gguf.stem}-xfp-{QuantConfig().mode}-v{FORMAT_VERSION}"
     if not out_is_complete(out):
         print(f"quantizing {gguf.name} into {out} (once)", flush=True)
         quantize_model(gguf, out, QuantConfig(), resume=out.exists(), force=False, progress=False)
@@ -90,6 +94,32 @@ def weight_bytes_per_step(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def step_breakdown(model: nn.Module, reps: int = 5) -> dict[str, float]:
+    """Milliseconds of one decode step's matrices, measured apart from the model: every quantized or dense
+    Linear in the decoder layers called once on a [1, 1, in] input (in model order), and the lm_head. The
+    rest of a step (attention, norms, embedding, `generate`'s own work) is the step time minus these."""
+    from xfp.runtime import XFPLinear
+
+    head = model.get_output_embeddings()
+    mats = [m for m in model.modules() if isinstance(m, (XFPLinear, nn.Linear)) and m is not head]
+    dtype = head.weight.dtype  # the model's activation dtype
+    inputs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in mats]
+    hidden = torch.randn(1, 1, head.in_features, dtype=dtype)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1e3
+
+    return {"matrices_ms": best(lambda: [m(x) for m, x in zip(mats, inputs)]), "lm_head_ms": best(lambda: head(hidden)),
+            "n_matrices": len(mats)}
+
+
+@torch.no_grad()
 def generate_seconds(model, ids: torch.Tensor, n: int) -> float:
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -105,12 +135,42 @@ def first_tokens(model, ids: torch.Tensor, n: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int):
-    """A callable(n) -> seconds generating n tokens greedily with llama.cpp, or None if it is not installed."""
+LLAMA_CPP_STATUS: dict[str, str] = {}
+"""Why llama.cpp is missing from a run (filled by `llama_cpp_runner`), for the report."""
+
+
+def llama_cpp_probe(gguf: Path) -> str | None:
+    """None if llama-cpp-python generates a token on this machine, else why not. Run in a child process:
+    a wheel built for other CPU features dies with SIGILL, which would take this process down with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from llama_cpp import Llama; "
+            "Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False).create_completion(sys.argv[2], "
+            "max_tokens=2)")
     try:
-        from llama_cpp import Llama
-    except ImportError:
+        done = subprocess.run([sys.executable, "-c", code, str(gguf), PROMPT], capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        return "llama-cpp-python did not answer within 300 s"
+    if done.returncode == 0:
         return None
+    if "No module named" in done.stderr:
+        return "llama-cpp-python is not installed"
+    if done.returncode < 0:
+        import signal
+
+        return f"llama-cpp-python crashed on this CPU ({signal.Signals(-done.returncode).name})"
+    return f"llama-cpp-python failed: {done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else done.returncode}"
+
+
+def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int):
+    """A callable(n) -> seconds generating n tokens greedily with llama.cpp, or None if it cannot run here."""
+    if str(gguf) not in LLAMA_CPP_STATUS:
+        LLAMA_CPP_STATUS[str(gguf)] = llama_cpp_probe(gguf) or ""
+    if LLAMA_CPP_STATUS[str(gguf)]:
+        return None
+    from llama_cpp import Llama
     llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False)
     eos = llm.token_eos()
 
@@ -171,9 +231,14 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
         tps = measure(runners, n, reps)
         if with_reference:  # ~1 tok/s: a few tokens, once, are enough to place it
             tps["xfp_reference"] = measure({"xfp_reference": xfp_ref}, REFERENCE_TOKENS, 1)["xfp_reference"]
+        parts = {k: step_breakdown(m) for k, m in (("xfp", xfp_model), ("fp32", src32), ("bf16", src16))}
         row = {"model": label, "threads": t, "tokens": n, "agree": agree, "gguf": gguf.name, "mb": mb,
-               "isa": cpu.isa(), **tps}
+               "isa": cpu.isa(), "parts": parts, **tps}
         rows.append(row)
+        for k, p in parts.items():
+            step = 1e3 / tps[k]
+            print(f"  {k} step {step:.1f} ms = {p['n_matrices']} matrices {p['matrices_ms']:.1f} ms + lm_head "
+                  f"{p['lm_head_ms']:.1f} ms + rest {step - p['matrices_ms'] - p['lm_head_ms']:.1f} ms", flush=True)
         print(f"decode {label} {t}t: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in tps.items()) +
               f"; xfp/fp32 {tps['xfp'] / tps['fp32']:.2f}x, xfp/bf16 {tps['xfp'] / tps['bf16']:.2f}x; "
               f"weights/step MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in mb.items()) +
@@ -205,8 +270,18 @@ def markdown(rows: list[dict]) -> str:
             cells.append(f"{r['llama_cpp']:.1f} ({r['gguf']})" if "llama_cpp" in r else "-")
         cells += [" / ".join(f"{r['mb'][k] / 1e6:.0f}" for k in ("xfp", "fp32", "bf16")), str(r["agree"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Where a decode step's time goes (ms; matrices and lm_head measured apart from the model, on "
+              "[1, 1, in] inputs; rest = step - both: attention, norms, embedding, `generate`):", "",
+              "| model | threads | variant | step ms | decoder matrices ms | lm_head ms | rest ms |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        for k, p in r.get("parts", {}).items():
+            step = 1e3 / r[k]
+            lines.append(f"| {r['model']} | {r['threads']} | {k} | {step:.1f} | {p['matrices_ms']:.1f} "
+                         f"({p['n_matrices']}) | {p['lm_head_ms']:.1f} | {step - p['matrices_ms'] - p['lm_head_ms']:.1f} |")
     if not has_llama:
-        lines += ["", "llama.cpp: llama-cpp-python was not importable in this run (optional, not in CI)."]
+        why = "; ".join(sorted({v for v in LLAMA_CPP_STATUS.values() if v})) or "not run"
+        lines += ["", f"llama.cpp: not measured in this run ({why}; optional, never in CI)."]
     return "\n".join(lines)
 
 

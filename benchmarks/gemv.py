@@ -2,19 +2,22 @@
 
 Tables (every ratio compares timings taken in the same run, interleaved call by call):
 - memory read bandwidth of this machine (torch sum over buffers from 16 MiB to 1 GiB);
-- GEMV (batch 1, decode) on Llama-7B-like shapes at 2/3/4 bits: XFP `cpu` kernel vs torch float32 and
-  bfloat16 `F.linear` of the same shape, with the XFP kernel's effective GB/s (stored bytes / time)
-  against the measured read bandwidth, and whether each matrix fits in L3;
-- prefill (batch 16..512): XFP decoded tiles + BLAS vs torch float32;
+- GEMV (batch 1, decode) on Llama-7B-like shapes at 2/3/4 bits, for both modes (V2: per-row codebooks;
+  V2a, the default: groups of 64 with coded scales and offsets, one shared codebook, kept columns):
+  XFP `cpu` kernel vs torch float32 and bfloat16 `F.linear` of the same shape, with the XFP kernel's
+  effective GB/s (stored bytes / time) against the measured read bandwidth, and whether each matrix fits
+  in L3;
+- prefill (batch 16..512): XFP decoded tiles + BLAS vs torch float32, both modes;
 - the build route: the same 4-bit GEMV as a numba kernel vs the C++ kernels (AVX-512, AVX2, portable).
 
 Usage:
   python benchmarks/gemv.py                                 # print the tables
   python benchmarks/gemv.py --markdown docs/PERFORMANCE.md  # also run benchmarks/decode_speed.py and write
                                                             # the whole document (machine, tables, notes)
-Options: --threads 1 2 (thread counts to measure), --reps N, --quick (one shape, fewer repetitions).
-Matrices are random (uniform indices, sorted Gaussian codebooks, 0.5% outliers): speed does not depend on
-the values.
+Options: --threads 1 2 (thread counts to measure), --reps N, --quick (one shape, fewer repetitions),
+--modes v2 v2a (which modes to measure; both by default).
+Matrices are random (uniform indices, sorted Gaussian codebooks, 0.5% outliers; V2a: G = 64, L = 1, the
+writer's scale and offset tables, 8 kept columns per matrix): speed does not depend on the values.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from xfp.format.pack import pack
-from xfp.format.reference import PackedV2
+from xfp.format.reference import Packed, PackedV2, PackedV2a
 from xfp.runtime import dispatch
 from xfp.runtime.kernels import cpu
 
@@ -41,6 +44,8 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (rows = out, cols = in)
 WIDTHS = [2, 3, 4]
 OUTLIER_FRACTION = 0.005
 PREFILL_BATCHES = [16, 128, 512]
+MODES = ["v2", "v2a"]
+V2A_GROUP, V2A_KEPT = 64, 8
 MIB = 1 << 20
 
 
@@ -132,23 +137,53 @@ def random_packed(rows: int, cols: int, bits: int, seed: int = 0) -> PackedV2:
     return PackedV2(rows, cols, bits, pack(indices, bits), codebook, pos, val)
 
 
-def stored_bytes(p: PackedV2) -> int:
+def random_v2a(rows: int, cols: int, bits: int, seed: int = 0) -> PackedV2a:
+    """A V2a matrix shaped like the writer's: G = 64, one codebook, geometric scale table, uniform offsets,
+    0.5% outliers, V2A_KEPT kept columns."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // V2A_GROUP)
+    indices = torch.randint(0, 1 << bits, (rows, cols), generator=g, dtype=torch.uint8)
+    library = torch.randn(1, 1 << bits, generator=g).sort(dim=1).values.half()
+    scale_table = torch.cat([torch.zeros(1), 0.02 * 2.0 ** (-16 * (255 - torch.arange(1, 256)) / 254)]).half()
+    offset_table = ((torch.arange(256) - 128) * 0.005 / 127).half()
+    scale = torch.randint(180, 256, (rows, groups), generator=g, dtype=torch.uint8)
+    offset = torch.randint(100, 156, (rows, groups), generator=g, dtype=torch.uint8)
+    kept = torch.randperm(cols, generator=g)[:V2A_KEPT].sort().values
+    free = torch.ones(cols, dtype=torch.bool)
+    free[kept] = False
+    n = int(rows * cols * OUTLIER_FRACTION)
+    pos = torch.randperm(rows * cols, generator=g)[: int(n * 1.01) + 8]
+    pos = pos[free[pos % cols]][:n].sort().values.to(torch.int32)
+    val = (0.1 * torch.randn(pos.numel(), generator=g)).half()
+    kept_val = torch.randint(-127, 128, (rows, kept.numel()), generator=g, dtype=torch.int8)
+    kept_scale = torch.full((kept.numel(),), 0.001).half()
+    return PackedV2a(rows, cols, bits, V2A_GROUP, pack(indices, bits), library, scale, scale_table, offset,
+                     offset_table, torch.zeros(rows, 0, dtype=torch.uint8), pos, val, kept.to(torch.int32), kept_val,
+                     kept_scale)
+
+
+def make_packed(mode: str, rows: int, cols: int, bits: int, seed: int = 0) -> Packed:
+    return random_v2a(rows, cols, bits, seed) if mode == "v2a" else random_packed(rows, cols, bits, seed)
+
+
+def stored_bytes(p: Packed) -> int:
     return p.layout.total_bytes
 
 
 # -- benchmarks -----------------------------------------------------------------------------------
 
 
-def gemv_table(shapes, widths, threads: list[int], reps: int, bandwidth: dict[int, float], l3: int | None) -> list[dict]:
+def gemv_table(shapes, widths, threads: list[int], reps: int, bandwidth: dict[int, float], l3: int | None,
+               modes: list[str]) -> list[dict]:
     rows = []
     for r, c in shapes:
         w32 = torch.randn(r, c) * 0.02
         w16 = w32.bfloat16()
         x32 = torch.randn(1, c)
         x16 = x32.bfloat16()
-        for bits in widths:
-            packed = random_packed(r, c, bits, seed=bits)
-            state = cpu.prepare(packed)
+        for mode, bits in [(mode, bits) for mode in modes for bits in widths]:
+            packed = make_packed(mode, r, c, bits, seed=bits)
+            state = cpu.prepare_any(packed)
             for t in threads:
                 torch.set_num_threads(t)
                 isa = cpu.isa()
@@ -158,7 +193,7 @@ def gemv_table(shapes, widths, threads: list[int], reps: int, bandwidth: dict[in
                     "bf16": lambda: F.linear(x16, w16),
                 }, reps)
                 nbytes = stored_bytes(packed)
-                rows.append({"shape": (r, c), "bits": bits, "threads": t, "xfp_ms": m["xfp"] * 1e3,
+                rows.append({"shape": (r, c), "mode": mode, "bits": bits, "threads": t, "xfp_ms": m["xfp"] * 1e3,
                              "fp32_ms": m["fp32"] * 1e3, "bf16_ms": m["bf16"] * 1e3,
                              "vs_fp32": m["fp32"] / m["xfp"], "vs_bf16": m["bf16"] / m["xfp"],
                              "xfp_mib": nbytes / MIB, "gbs": nbytes / m["xfp"] / 1e9,
@@ -166,19 +201,19 @@ def gemv_table(shapes, widths, threads: list[int], reps: int, bandwidth: dict[in
                              "fp32_gbs": r * c * 4 / m["fp32"] / 1e9,
                              "fits_l3": "" if l3 is None else "/".join(
                                  "yes" if b <= l3 else "no" for b in (nbytes, r * c * 2, r * c * 4))})
-                print(f"gemv {r}x{c} {bits}b {t}t: xfp {m['xfp']*1e3:.2f} ms, fp32 {m['fp32']*1e3:.2f} ms, "
+                print(f"gemv {r}x{c} {mode} {bits}b {t}t: xfp {m['xfp']*1e3:.2f} ms, fp32 {m['fp32']*1e3:.2f} ms, "
                       f"bf16 {m['bf16']*1e3:.2f} ms -> {m['fp32']/m['xfp']:.2f}x fp32, "
                       f"{m['bf16']/m['xfp']:.2f}x bf16, {nbytes / m['xfp'] / 1e9:.1f} GB/s", flush=True)
         del w32, w16
     return rows
 
 
-def prefill_table(shapes, batches, threads: list[int], reps: int) -> list[dict]:
+def prefill_table(shapes, batches, threads: list[int], reps: int, modes: list[str]) -> list[dict]:
     rows = []
-    for r, c in shapes:
+    for (r, c), mode in [(shape, mode) for shape in shapes for mode in modes]:
         w32 = torch.randn(r, c) * 0.02
-        packed = random_packed(r, c, 4, seed=4)
-        state = cpu.prepare(packed)
+        packed = make_packed(mode, r, c, 4, seed=4)
+        state = cpu.prepare_any(packed)
         for m in batches:
             x = torch.randn(m, c)
             for t in threads:
@@ -189,10 +224,10 @@ def prefill_table(shapes, batches, threads: list[int], reps: int) -> list[dict]:
                     "fp32": lambda: F.linear(x, w32),
                     "ref": lambda: dispatch.reference_linear(x, packed, None),
                 }, max(3, reps // 4), warmup=1)
-                rows.append({"shape": (r, c), "m": m, "threads": t, "xfp_ms": res["xfp"] * 1e3,
+                rows.append({"shape": (r, c), "mode": mode, "m": m, "threads": t, "xfp_ms": res["xfp"] * 1e3,
                              "fp32_ms": res["fp32"] * 1e3, "ref_ms": res["ref"] * 1e3,
                              "vs_fp32": res["fp32"] / res["xfp"], "vs_ref": res["ref"] / res["xfp"]})
-                print(f"prefill {r}x{c} 4b m={m} {t}t: xfp {res['xfp']*1e3:.1f} ms, fp32 {res['fp32']*1e3:.1f} ms, "
+                print(f"prefill {r}x{c} {mode} 4b m={m} {t}t: xfp {res['xfp']*1e3:.1f} ms, fp32 {res['fp32']*1e3:.1f} ms, "
                       f"reference {res['ref']*1e3:.1f} ms", flush=True)
     return rows
 
@@ -253,12 +288,24 @@ NOTES = """## How the kernel works, and why this route
   in one FMA. 4- and 2-bit rows are read 16 bytes at a time (`vpmovzxbd` + shifts: 32/64 weights) against
   an x permuted to match once per call. Outliers add `(value - codebook[idx]) * x[col]` per row, the
   corrections being computed once per matrix and cached on the module. W_hat is never materialised.
+- **V2a GEMV** (the default mode): x is zeroed on the kept columns and summed per group once per call;
+  per row and group the indices meet x as in V2 through the group's library codebook (held in registers for
+  the whole matrix when L = 1, reloaded per group when L > 1), the partial dot product is multiplied by the
+  group's scale (`scale_table[code]`), and `sum_g offset_table[code_g] * xsum_g` adds the offsets. So a
+  weight enters as its exact `e*s + o` (the format's W_hat rounds it to float16; the bound below covers
+  that). Outliers add `(value - (e*s + o)) * x[col]`, kept columns `kept[r, j] * x[col_j]` (prepared once per
+  matrix, float32). G must be a multiple of the ISA's chunk (16..64 columns; the writer's 64 and 128 are);
+  other group sizes take the portable kernel.
 - **Prefill (batch > 8)**: blocks of rows are decoded exactly into a float32 tile (1 MiB, in L2, for
   small batches; 8 MiB for >= 64 rows, where BLAS efficiency matters more than the decode) and multiplied
   by `torch.mm`.
 - **Numerics**: float32 products and sums. Bound tested (tests/runtime/test_kernels.py) for every width,
   instruction set and odd shape: `|y - x @ W_hat.T| <= (cols + 2*outliers_in_row + 16) * 2^-24 *
-  sum_c |x_c| (|W_hat[r,c]| + |codebook[r, idx(r,c)]|)`. Decoded tiles are bit-exact. bf16/fp16 inputs are
+  sum_c |x_c| (|W_hat[r,c]| + |codebook[r, idx(r,c)]|)`; V2a (tests/runtime/test_kernels_v2a.py):
+  `|y - x @ W_hat.T| <= 2^-11 * (sum_c |x_c| |W_hat[r,c]| + 2^-14 sum_c |x_c|) + (cols + groups + 2*outliers + kept + 16)
+  * 2^-24 * sum_c |x_c| (|e s| + |o| + |W_hat[r,c]|)`, the first term being float16's rounding of each weight.
+  Decoded tiles are bit-exact (V2a: `float16(float32(e*s + o))` by the F16C conversion, then outliers and kept
+  columns). bf16/fp16 inputs are
   computed in float32 and rounded once. Each row is computed by one thread in a fixed order: results are
   bit-identical across thread counts (GEMV).
 
@@ -271,12 +318,17 @@ NOTES = """## How the kernel works, and why this route
   when other work occupies a core, an OpenMP region waits for a time slice: with a load average above
   ~2 the 2-thread rows measure the scheduler, not the kernel (torch's own 2-thread rows suffer alike). The
   prefill path opens two parallel regions per tile (decode, then BLAS), so it suffers most.
-- End to end, for a 135M model the matrices are small (576 wide): per-call Python overhead (~15-20 us per
-  XFPLinear), attention/norm/`generate` overhead, and the dense float32 lm_head (the tied embedding,
-  49152x576, 113 MB per token: embeddings are not quantized by default) take most of each step, so the
-  end-to-end ratio is far below the GEMV ratio. Measured per decode step of the XFP model at 1 thread (on
-  a loaded machine): lm_head ~13 ms, all 210 XFP matrices ~35 ms, everything else ~30 ms. Quantizing
-  embeddings, or a bf16 lm_head, and fewer Python calls per layer are what would move it next.
+- End to end, for a 135M model the matrices are small (576 wide; 4.5 groups of 128 per row in V2a) and
+  the table "Where a decode step's time goes" splits a step: the dense float32 lm_head (the tied
+  embedding, 49152x576, 113 MB per token: embeddings are not quantized by default) and everything that is
+  not a matrix (attention, norms, rotary, residuals, `generate`'s own Python)
+  cost the XFP model exactly what they cost the float32 source, so they cap the end-to-end ratio however
+  fast the XFP matrices are: with `rest + lm_head` of the fp32 step's time left, `fp32 step / (rest +
+  lm_head)` is the most any kernel can reach. What would move it next: quantizing the embedding / lm_head
+  (a format and pipeline decision, not a runtime one), running the dense lm_head in bfloat16 (a numerics
+  change the user must opt into), and fewer Python calls per layer (a compiled or fused decoder layer).
+  Per XFPLinear call the runtime now costs a few us of Python beyond the kernel (a cached fast path; it
+  re-checks the kernel override, the instruction set and every stored tensor's identity and version).
 """
 
 
@@ -325,23 +377,24 @@ def markdown(info: dict, bw: list[dict], gemv: list[dict], prefill: list[dict], 
     for row in bw:
         lines.append(f"| {row['bytes'] // MIB} MiB | " + " | ".join(f"{row[t]:.1f}" for t in threads) + " |")
     lines += ["", "## GEMV (batch 1): XFP `cpu` kernel vs dense torch", "",
-              "XFP bytes = every stored byte (codes, codebooks, 0.5% outliers, meta). GB/s = XFP bytes / time; "
+              "XFP bytes = every stored byte (codes, codebooks, 0.5% outliers, meta; V2a also scale and offset codes, "
+              "tables and 8 kept int8 columns). GB/s = XFP bytes / time; "
               "'of bw' = that against the 1 GiB read bandwidth at the same thread count. 'fits L3' = XFP / "
               "bf16 / fp32 matrix against the L3 size lscpu reports.", "",
-              "| shape (out x in) | bits | threads | XFP ms | fp32 ms | bf16 ms | XFP vs fp32 | XFP vs bf16 | "
+              "| shape (out x in) | mode | bits | threads | XFP ms | fp32 ms | bf16 ms | XFP vs fp32 | XFP vs bf16 | "
               "XFP MiB | XFP GB/s | of bw | fp32 GB/s | fits L3 |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for g in gemv:
-        lines.append(f"| {g['shape'][0]}x{g['shape'][1]} | {g['bits']} | {g['threads']} | {g['xfp_ms']:.2f} | "
+        lines.append(f"| {g['shape'][0]}x{g['shape'][1]} | {g['mode']} | {g['bits']} | {g['threads']} | {g['xfp_ms']:.2f} | "
                      f"{g['fp32_ms']:.2f} | {g['bf16_ms']:.2f} | **{g['vs_fp32']:.1f}x** | {g['vs_bf16']:.1f}x | "
                      f"{g['xfp_mib']:.1f} | {g['gbs']:.1f} | {100 * g['of_bw']:.0f}% | {g['fp32_gbs']:.1f} | "
                      f"{g['fits_l3']} |")
     lines += ["", "## Prefill (batch m): decoded tiles + BLAS vs torch float32 and the reference kernel", "",
               "4-bit. 'reference' = decode the whole matrix, then F.linear (the exact oracle, no fused kernel).", "",
-              "| shape | m | threads | XFP ms | fp32 ms | reference ms | XFP vs fp32 | XFP vs reference |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| shape | mode | m | threads | XFP ms | fp32 ms | reference ms | XFP vs fp32 | XFP vs reference |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in prefill:
-        lines.append(f"| {p['shape'][0]}x{p['shape'][1]} | {p['m']} | {p['threads']} | {p['xfp_ms']:.1f} | "
+        lines.append(f"| {p['shape'][0]}x{p['shape'][1]} | {p['mode']} | {p['m']} | {p['threads']} | {p['xfp_ms']:.1f} | "
                      f"{p['fp32_ms']:.1f} | {p['ref_ms']:.1f} | {p['vs_fp32']:.2f}x | {p['vs_ref']:.1f}x |")
     if route:
         names = [k for k in route[0] if k not in ("threads", "numba_compile_s")]
@@ -364,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--markdown", type=Path, help="write the whole performance document here")
     ap.add_argument("--no-route", action="store_true", help="skip the numba vs C++ comparison")
     ap.add_argument("--median", action="store_true", help="report medians instead of best-of-N times")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES, help="storage modes to measure")
     args = ap.parse_args(argv)
     if args.median:
         os.environ["XFP_BENCH_MEDIAN"] = "1"
@@ -378,8 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in bw:
         print(f"read bandwidth {row['bytes'] // MIB} MiB: " + ", ".join(f"{t}t {row[t]:.1f} GB/s" for t in args.threads))
     big = {t: bw[-1][t] for t in args.threads}
-    gemv = gemv_table(shapes, WIDTHS, args.threads, reps, big, info["l3_bytes"])
-    prefill = prefill_table(shapes[:1] if args.quick else SHAPES[:2], PREFILL_BATCHES, args.threads, reps)
+    gemv = gemv_table(shapes, WIDTHS, args.threads, reps, big, info["l3_bytes"], args.modes)
+    prefill = prefill_table(shapes[:1] if args.quick else SHAPES[:2], PREFILL_BATCHES, args.threads, reps, args.modes)
     route = [] if args.no_route else route_table(args.threads, reps)
     if args.markdown:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -390,7 +444,11 @@ def main(argv: list[str] | None = None) -> None:
         decode = decode_speed.main(["--threads", *map(str, args.threads)] + (["--quick"] if args.quick else []),
                                    as_markdown=True)
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(doc.replace(decode_speed.DOC_PLACEHOLDER, decode) + "\n")
+        load = os.getloadavg()
+        doc = doc.replace(decode_speed.DOC_PLACEHOLDER, decode)
+        doc += (f"\n\nLoad average at the end of the run (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+                f"on {os.cpu_count()} cores: timings were taken while other work shared the machine.")
+        args.markdown.write_text(doc + "\n")
         print(f"wrote {args.markdown}")
 
 

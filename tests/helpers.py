@@ -17,3 +17,20 @@ def make_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 64, intermed
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
+
+
+def linear_at_threads(packed, state, x, rows: tuple[int, ...]) -> dict[int, list]:
+    """{threads: [cpu.linear(x[:m]) for m in rows]} at 1 and 2 torch threads (restored afterwards)."""
+    import torch
+
+    from xfp.runtime.kernels import cpu
+
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results[threads] = [cpu.linear(x[:m], packed, None, state) for m in rows]
+    finally:
+        torch.set_num_threads(before)
+    return results

@@ -1,4 +1,4 @@
-"""`xfp quantize | inspect | verify | generate`.
+"""`xfp quantize | fit | inspect | verify | generate | eval | compare`.
 
 A user mistake or a bad file ends with one line on stderr and a non-zero exit, never a traceback.
 """
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=_ints, default=(2, 3, 4), help="candidate widths, e.g. 2,3,4")
     q.add_argument("--escalation-bits", type=_ints, default=(5, 6, 8), help="widths tried when none meets the floor")
     q.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head (strict)")
+    q.add_argument("--expert-select", default="expert", choices=["expert", "stack"],
+                   help="routed MoE experts: auto-select each expert (default), or one width per stack chosen on "
+                        "--expert-sample experts, every expert still checked against the floor")
+    q.add_argument("--expert-sample", type=int, default=4, help="--expert-select stack: experts sampled per stack")
+    q.add_argument("--stack-library", action="store_true",
+                   help="v2a with --expert-select stack: one codebook per expert stack")
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     q.add_argument("--shard-size", type=_size, default=2 * 2**30, help="largest output shard (default 2GiB)")
     q.add_argument("--resume", action="store_true", help="finish an interrupted run in OUT")
@@ -107,7 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted compare with the same settings from OUT/.compare-work")
     c.add_argument("--no-progress", action="store_true")
+    _add_fit_parser(sub)
     return p
+
+
+def _add_fit_parser(sub) -> None:
+    f = sub.add_parser("fit", help="H-Process: the best XFP folder within a memory budget (searches the floors)")
+    f.add_argument("src", help="Hugging Face model folder, GGUF file, or smollm2")
+    f.add_argument("out", help="output folder")
+    f.add_argument("--budget", help="size of the output tensor files, e.g. 60MiB or 1.5GB")
+    f.add_argument("--budget-fraction", type=float, help="budget as a fraction of the source's fp16 size, e.g. 0.38")
+    f.add_argument("--floor-strict", type=float, default=0.99, help="operator floor (upper quality bound), strict")
+    f.add_argument("--floor-lazy", type=float, default=0.97, help="operator floor (upper quality bound), lazy")
+    f.add_argument("--min-floor-strict", type=float, default=0.95, help="lowest strict floor the search may use")
+    f.add_argument("--min-floor-lazy", type=float, default=0.90, help="lowest lazy floor the search may use")
+    f.add_argument("--floor-step", type=float, default=0.0025, help="stepwise relaxation step")
+    f.add_argument("--method", default="allocate", choices=["allocate", "stepwise"],
+                   help="allocate (default: greedy per-matrix allocation) or stepwise (the published relaxation)")
+    f.add_argument("--statistic", default="p1", choices=["min", "p1", "p5", "median", "mean"])
+    f.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings and lm_head")
+    f.add_argument("--max-ram", type=_size, help="peak memory allowed while quantizing and loading, e.g. 4GiB")
+    f.add_argument("--max-kl", type=float, default=0.5, help="KL(source || model) bound, nats/token (default 0.5)")
+    f.add_argument("--windows", type=int, default=4, help="512-token windows of the offline text for KL (default 4)")
+    f.add_argument("--retries", type=int, default=3, help="larger budgets tried when the fitted point fails")
+    f.add_argument("--no-check", action="store_true", help="skip the KL and generation checks")
+    f.add_argument("--table-cache", help="folder of the cached measurement tables (default $XFP_CACHE/fit-tables)")
+    f.add_argument("--force", action="store_true", help="overwrite OUT")
+    f.add_argument("--no-progress", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +166,10 @@ def _config(args):
     return QuantConfig(floor_strict=args.floor_strict, floor_lazy=args.floor_lazy, statistic=args.statistic,
                        mode=args.mode, bits=args.bits, escalation_bits=args.escalation_bits,
                        group_size=args.group_size, library_size=args.library_size, keep_columns=args.keep_columns,
-                       outliers=OutlierConfig(budgets=args.outlier_budgets))
+                       outliers=OutlierConfig(budgets=args.outlier_budgets),
+                       expert_select=getattr(args, "expert_select", "expert"),
+                       expert_sample=getattr(args, "expert_sample", 4),
+                       stack_library=getattr(args, "stack_library", False))
 
 
 def cmd_quantize(args) -> int:
@@ -199,20 +234,19 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from xfp.evaluate.verify import verify_matrix
+    from xfp.evaluate.verify import SourceMatrices, verify_matrix
     from xfp.format.folder import iter_shards, read_config
     from xfp.sources.base import open_source
 
     config = read_config(Path(args.out))
     qc = config["quantization_config"]
     floors = {"strict": qc["floor_strict"], "lazy": qc["floor_lazy"]}
-    source = open_source(args.src)
-    known = set(source.tensor_names())
+    source = SourceMatrices(open_source(args.src))  # routed experts by their stored names too (xfp.moe)
     failed = checked = 0
     print(f"{'tensor':60s} {'min':>8s} {'p1':>8s} {'p5':>8s} {'median':>8s} {'mean':>8s}  floor ({qc['statistic']})")
     for _, content in iter_shards(Path(args.out)):
         for name, packed in content.matrices.items():
-            if name not in known:
+            if name not in source:
                 raise XFPError(f"{args.src}: has no tensor '{name}' that {args.out} quantized")
             entry = qc["matrices"].get(name, {})
             floor = floors[entry.get("class", "strict")]
@@ -296,6 +330,25 @@ def cmd_compare(args) -> int:
 COMMANDS = {"quantize": cmd_quantize, "inspect": cmd_inspect, "verify": cmd_verify, "generate": cmd_generate}
 COMMANDS["eval"] = cmd_eval
 COMMANDS["compare"] = cmd_compare
+
+
+def cmd_fit(args) -> int:
+    from xfp.config import QuantConfig
+    from xfp.fit.run import fit_model
+    from xfp.fit.search import Floors
+
+    config = QuantConfig(floor_strict=args.floor_strict, floor_lazy=args.floor_lazy, statistic=args.statistic)
+    fit_model(args.src, args.out, budget=args.budget, budget_fraction=args.budget_fraction, config=config,
+              min_floors=Floors(args.min_floor_strict, args.min_floor_lazy), step=args.floor_step,
+              method=args.method, quantize_embeddings=args.quantize_embeddings, max_ram=args.max_ram,
+              max_kl=args.max_kl, windows=args.windows, check=not args.no_check, retries=args.retries,
+              table_cache=Path(args.table_cache) if args.table_cache else None, force=args.force,
+              progress=not args.no_progress)
+    print(f"wrote {args.out} (fit.json, FIT.md, fit.png, fit-plan.txt)")
+    return 0
+
+
+COMMANDS["fit"] = cmd_fit
 
 if __name__ == "__main__":
     sys.exit(main())

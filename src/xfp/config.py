@@ -33,6 +33,11 @@ STATISTICS = ("min", "p1", "p5", "median", "mean")
 
 Statistic = Literal["min", "p1", "p5", "median", "mean"]
 
+EXPERT_SELECT = ("expert", "stack")
+"""Auto-select of routed expert stacks: per expert, or one choice per stack from a sample (`xfp.moe.select`)."""
+
+ExpertSelect = Literal["expert", "stack"]
+
 
 @dataclass(frozen=True)
 class OutlierConfig:
@@ -71,6 +76,11 @@ class QuantConfig:
     library_size: (v2a only) L, the number of codebooks in a matrix's library (1 = one codebook per matrix).
     keep_columns: (v2a only) the ratio that marks hot input columns, kept apart in int8
     (`xfp.quantize.hot_columns`); 0 keeps none.
+    expert_select: how routed expert stacks (`xfp.moe`) are auto-selected: "expert", each expert on its own;
+    "stack", one width and group size for the whole stack, the most expensive choice among `expert_sample`
+    evenly spaced experts (the published method), every expert then checked and escalated alone if it misses.
+    stack_library: (v2a, expert_select "stack", library_size 1) one codebook per expert stack, fitted on the
+    sampled experts and stored with every expert.
     """
 
     floor_strict: float = 0.99
@@ -84,6 +94,9 @@ class QuantConfig:
     group_size: tuple[int, ...] = (64, 128)
     library_size: int = 1
     keep_columns: float = 5.0
+    expert_select: ExpertSelect = "expert"
+    expert_sample: int = 4
+    stack_library: bool = False
 
     def __post_init__(self) -> None:
         for name in ("floor_strict", "floor_lazy"):
@@ -117,6 +130,15 @@ class QuantConfig:
             raise ValueError(f"keep_columns must be a ratio >= 0 (0 = none), got {self.keep_columns!r}")
         if type(self.library_size) is not int or not 1 <= self.library_size <= MAX_LIBRARY:
             raise ValueError(f"library_size must be an integer in [1, {MAX_LIBRARY}], got {self.library_size!r}")
+        if self.expert_select not in EXPERT_SELECT:
+            raise ValueError(f"expert_select must be one of {EXPERT_SELECT}, got {self.expert_select!r}")
+        if type(self.expert_sample) is not int or self.expert_sample < 1:
+            raise ValueError(f"expert_sample must be an integer >= 1, got {self.expert_sample!r}")
+        if type(self.stack_library) is not bool:
+            raise ValueError(f"stack_library must be true or false, got {self.stack_library!r}")
+        if self.stack_library and (self.expert_select != "stack" or self.mode != "v2a" or self.library_size != 1):
+            raise ValueError("stack_library needs expert_select 'stack', mode 'v2a' and library_size 1, got "
+                             f"{self.expert_select!r}, {self.mode!r}, {self.library_size}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

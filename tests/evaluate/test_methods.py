@@ -31,7 +31,9 @@ def test_names_resolve_and_errors_are_one_line():
     assert spec.family == "xfp" and spec.fn.keywords == {"floor": 0.985}
     assert [s.name for s in methods.parse_methods("rtn3-g64, xfp-0.99")] == ["rtn3-g64", "xfp-0.99"]
     assert [s.name for s in methods.parse_methods(None)] == methods.DEFAULT_METHODS
-    for bad in ("rtn5-g64", "xfp-high", "", "rtn3-g64,rtn3-g64"):
+    library = methods.get("xfp-0.97-L32")
+    assert library.family == "xfp-library" and library.fn.keywords == {"floor": 0.97, "library_size": 32}
+    for bad in ("rtn5-g64", "xfp-high", "", "rtn3-g64,rtn3-g64", "xfp-0.97-L0", "xfp-0.97-L257", "xfp-0.97-L"):
         with pytest.raises(XFPError):
             methods.parse_methods(bad)
     with pytest.raises(ValueError):

@@ -17,6 +17,7 @@ from xfp.format.pack import unpack
 from xfp.format.reference import PackedV2, decode
 from xfp.runtime import XFPLinear, dispatch
 from xfp.runtime.kernels import cpu
+from helpers import linear_at_threads
 
 # (rows, cols): cols not a multiple of 8, 16, 32 or 64 exercise row padding and the kernels' tails;
 # 4113 columns cross several 16-byte blocks before the tail; 64x128 has no tail at all.
@@ -120,14 +121,7 @@ def test_threads_do_not_change_the_result(bits):
     packed = random_packed(301, 1111, bits, n_outliers=500, seed=bits)
     state = cpu.prepare(packed)
     x = torch.randn(12, 1111, generator=torch.Generator().manual_seed(5))
-    before = torch.get_num_threads()
-    try:
-        results = {}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results[threads] = [cpu.linear(x[:m], packed, None, state) for m in (1, 3, 12)]
-    finally:
-        torch.set_num_threads(before)
+    results = linear_at_threads(packed, state, x, (1, 3, 12))
     for one, two in zip(results[1][:2], results[2][:2]):  # fused: each row by one thread, same order
         torch.testing.assert_close(one, two, rtol=0, atol=0)
     check(results[1][2], x, packed)  # tiled: BLAS may split its sums by thread; both within the bound

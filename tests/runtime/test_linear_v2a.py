@@ -1,4 +1,4 @@
-"""XFPLinear holding a mode V2a matrix: buffers from the layout table, the exact reference decode."""
+"""XFPLinear holding a mode V2a matrix: buffers from the layout table, the fused kernel or the exact reference."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runtime.test_kernels_v2a import Oracle
 from xfp.config import OutlierConfig, QuantConfig
 from xfp.errors import FormatError
 from xfp.format.reference import decode
@@ -33,13 +34,17 @@ def v2a_packed(rows=24, cols=100, library_size=4, seed=0, kept=KEPT):
 @pytest.mark.parametrize("library_size", [1, 4])
 @pytest.mark.parametrize("kernel", ["auto", "reference", "cpu"])
 def test_forward_is_exactly_the_decoded_linear_whatever_the_kernel_setting(monkeypatch, library_size, kernel, kept):
-    monkeypatch.setenv(dispatch.ENV_VAR, kernel)  # no kernel serves v2a yet: always the reference decode
+    monkeypatch.setenv(dispatch.ENV_VAR, kernel)
     packed = v2a_packed(library_size=library_size, kept=kept)
     g = torch.Generator().manual_seed(1)
     bias = torch.randn(24, generator=g)
     layer = XFPLinear.from_packed(packed, bias)
-    x = torch.randn(3, 5, 100, generator=g)
-    torch.testing.assert_close(layer(x), F.linear(x, decode(packed).float(), bias), rtol=0, atol=0)
+    for x in (torch.randn(3, 5, 100, generator=g), torch.randn(1, 100, generator=g)):  # tiled, then fused
+        y = layer(x)
+        if kernel == "reference":  # the exact decode, then F.linear
+            torch.testing.assert_close(y, F.linear(x, decode(packed).float(), bias), rtol=0, atol=0)
+        else:  # the fused CPU kernel, within its stated bound (tests/runtime/test_kernels_v2a.py)
+            Oracle(packed).check((y - bias).reshape(-1, 24), x.reshape(-1, 100))
     assert f"mode=v2a, group=32, library={library_size}, kept={len(kept)}" in repr(layer)
 
 

@@ -113,18 +113,23 @@ def register(name: str, fn: Method, *, family: str, about: str, default: bool = 
         DEFAULT_METHODS.append(name)
 
 
-_XFP_NAME = re.compile(r"xfp-(0?\.\d+|1(?:\.0*)?)")
+_XFP_NAME = re.compile(r"xfp-(0?\.\d+|1(?:\.0*)?)(?:-L(\d+))?")
 
 
 def get(name: str) -> MethodSpec:
-    """A registered method, or `xfp-<floor>` for any floor; XFPError listing the known names otherwise."""
+    """A registered method, or `xfp-<floor>` for any floor (`xfp-<floor>-L<n>`: with a library of n codebooks per
+    matrix, family "xfp-library"); XFPError listing the known names otherwise."""
     if name in REGISTRY:
         return REGISTRY[name]
     match = _XFP_NAME.fullmatch(name)
-    if match:
+    if match and match.group(2) is None:
         floor = float(match.group(1))
         return MethodSpec(name, functools.partial(xfp, floor=floor), "xfp", f"XFP auto-select, floor {floor} (p1)")
-    raise XFPError(f"unknown method {name!r}; known: {', '.join(REGISTRY)} (or xfp-<floor>)")
+    if match and 1 <= int(match.group(2)) <= 256:
+        floor, size = float(match.group(1)), int(match.group(2))
+        return MethodSpec(name, functools.partial(xfp, floor=floor, library_size=size), "xfp-library",
+                          f"XFP auto-select, floor {floor} (p1), library of {size} codebooks per matrix")
+    raise XFPError(f"unknown method {name!r}; known: {', '.join(REGISTRY)} (or xfp-<floor>, xfp-<floor>-L<1..256>)")
 
 
 def parse_methods(text: str | None) -> list[MethodSpec]:

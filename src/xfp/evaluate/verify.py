@@ -32,3 +32,30 @@ def verify_matrix(name: str, source: torch.Tensor, packed: PackedV2, floor: floa
                        f"{[packed.rows, packed.cols]}")
     cos = row_cosines(source.float(), decode(packed))
     return Verdict(name, floor, statistic, all_statistics(cos))
+
+
+class SourceMatrices:
+    """The source weights of every matrix an XFP folder may store: a source tensor by its own name, or a
+    routed expert by its stored name (`xfp.moe.experts`), read from a per-expert tensor or sliced out of a
+    fused [E, N, K] stack (each fused tensor read once per run of consecutive experts)."""
+
+    def __init__(self, source):
+        from xfp.classify import classify
+        from xfp.moe.experts import MemberLoader, plan, stored_members
+        from xfp.pipeline.worker import is_float_label
+
+        self.source = source
+        cfg = source.config()
+        names = source.tensor_names()
+        decisions = [classify(n, source.tensor_shape(n), is_float_label(source.tensor_dtype(n)), cfg) for n in names]
+        self._members = stored_members(plan(decisions, source.tensor_shape))
+        self._names = set(names)
+        self._loader = MemberLoader(source.load)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._members or name in self._names
+
+    def load(self, name: str) -> torch.Tensor:
+        """[rows, cols] float32 source weights of stored matrix `name`."""
+        member = self._members.get(name)
+        return self._loader(member) if member is not None else self.source.load(name)

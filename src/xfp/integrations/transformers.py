@@ -47,6 +47,7 @@ from xfp.format import folder as xfp_folder
 from xfp.format.io import read_matrix_names
 from xfp.format.spec import Layout, make_layout, base_name, tensor_name
 from xfp.runtime.linear import BUFFER_PREFIX, XFPLinear
+from xfp.moe.runtime import prepare_experts
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +371,7 @@ class XFPHfQuantizer(HfQuantizer):
         files = [Path(f) for f in checkpoint_files]
         self._folder = files[0].parent
         entries = matrix_entries(self.quantization_config.matrices, self._folder / "config.json")
+        prepare_experts(model, entries, self._folder)  # fused routed experts -> per-expert linears (xfp.moe)
         self._targets = resolve_targets(model, entries, self._folder)
         self._file_of = check_headers(files, self._targets)
         for target in self._targets:

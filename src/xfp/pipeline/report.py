@@ -9,6 +9,7 @@ from pathlib import Path
 from xfp import __version__
 from xfp.config import STATISTICS, QuantConfig
 from xfp.format import io
+from xfp.moe.pipeline import stack_report
 from xfp.sources.base import TensorSource
 
 
@@ -30,6 +31,8 @@ def build(src: Path, source: TensorSource, out: Path, config: QuantConfig, summa
             b = sum(r["bytes"] for r in rows)
             classes[cls] = {"matrices": len(rows), "weights": w, "bytes": b, "honest_bits": 8 * b / w,
                             "floor": rows[0]["floor"], "missed_floor": sum(not r["meets_floor"] for r in rows)}
+    for c in classes.values():  # the bytes split between the strict and the lazy class
+        c["bytes_share"] = c["bytes"] / q_bytes
     source_files = [src] if src.is_file() else [p for p in src.iterdir() if p.suffix in (".safetensors", ".gguf")]
     parameters = sum(_numel(s["shape"]) for s in summaries)
     out_bytes = sum(s["bytes"] for s in shards)
@@ -58,9 +61,30 @@ def build(src: Path, source: TensorSource, out: Path, config: QuantConfig, summa
             "warnings": [f"{s['name']}: {s['warning']}" for s in summaries if s.get("warning")],
         },
         "classes": classes,
+        "stacks": stack_report(summaries),  # routed expert stacks (xfp.moe); empty for a dense model
         "shards": shards,
         "tensors": summaries,
     }
+
+
+def _stack_lines(stacks: list[dict]) -> list[str]:
+    """REPORT.md section on routed expert stacks: one row per stack."""
+    if not stacks:
+        return []
+    lines = ["", "## Expert stacks", "",
+             "| stack | class | experts | select | bits (experts) | honest bits (min..max) | cos stat over experts "
+             "(min / median / max) | min channel cos | below floor |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in stacks:
+        sel = s["select"]
+        how = sel["select"] if sel["select"] == "expert" else (
+            f"stack ({sel['bits']}b, sample {sel['sample']}, escalated {len(sel['escalated'])}"
+            f"{', one codebook' if sel.get('stack_library') else ''})")
+        bits = ", ".join(f"{b}b x{n}" for b, n in s["bits"].items())
+        lines.append(f"| `{s['name']}` | {s['class']} | {s['experts']} | {how} | {bits} | {s['honest_bits']:.3f} "
+                     f"({s['honest_bits_min']:.3f}..{s['honest_bits_max']:.3f}) | {s['cosine_min_over_experts']:.5f} / "
+                     f"{s['cosine_median_over_experts']:.5f} / {s['cosine_max_over_experts']:.5f} ({s['statistic']}) | "
+                     f"{s['cosine_min']:.5f} | {s['missed_floor']} |")
+    return lines
 
 
 def _numel(shape: list[int]) -> int:
@@ -112,8 +136,10 @@ def markdown(report: dict) -> str:
         lines += ["## Warnings", ""] + [f"- {w}" for w in t["warnings"]] + [""]
     lines += ["## Classes", "", "| class | floor | matrices | honest bits | bytes | below floor |", "|---|---|---|---|---|---|"]
     for cls, c in report["classes"].items():
-        lines.append(f"| {cls} | {c['floor']} | {c['matrices']} | {c['honest_bits']:.3f} | {_mib(c['bytes'])} "
+        share = f" ({c['bytes_share']:.1%})" if "bytes_share" in c else ""
+        lines.append(f"| {cls} | {c['floor']} | {c['matrices']} | {c['honest_bits']:.3f} | {_mib(c['bytes'])}{share} "
                      f"| {c['missed_floor']} |")
+    lines += _stack_lines(report.get("stacks") or [])
     stat_cols = " | ".join(f"cos {s}" for s in STATISTICS)
     lines += ["", "## Tensors", "",
               f"| tensor | class | shape | bits | outliers | honest bits | {stat_cols} | floor met | reason |",

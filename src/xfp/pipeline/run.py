@@ -21,10 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from xfp import __version__
-from xfp.classify import Decision, TensorClass, classify
+from xfp.classify import Decision, classify
 from xfp.config import FORMAT_VERSION, QuantConfig
 from xfp.errors import XFPError
 from xfp.format import io
+from xfp.moe import pipeline as moe
 from xfp.pipeline import report as reporting
 from xfp.pipeline.worker import init_worker, is_float_label, part_paths, process_tensor, run_in_worker
 from xfp.quantize import hot_columns
@@ -38,23 +39,29 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 def quantize_model(src: str | Path, out: str | Path, config: QuantConfig, *, resume: bool = False,
                    force: bool = False, workers: int = 1, quantize_embeddings: bool = False,
                    progress: bool = True, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                   stop_after: int | None = None) -> dict:
+                   stop_after: int | None = None, overrides: dict[str, QuantConfig] | None = None) -> dict:
     """Quantize every tensor of `src` into the folder `out`; returns the report (also in report.json).
 
     stop_after: process at most this many new tensors, then stop as if interrupted (for tests of resume).
+    overrides: {tensor name: QuantConfig} used for that tensor instead of `config` (the H-Process pins each
+    matrix's width, group size and outlier cap this way, `xfp.fit`); hot columns still follow `config`.
     """
     src, out = Path(src).resolve(), Path(out).resolve()
     _check_paths(src, out)
     source = open_source(src)
     state = {"source": str(src), "source_fingerprint": source.fingerprint(), "config": config.to_dict(),
              "quantize_embeddings": quantize_embeddings, "xfp_version": __version__}
+    if overrides:
+        state["overrides"] = {name: c.to_dict() for name, c in sorted(overrides.items())}
     workdir = _prepare_out(out, state, resume=resume, force=force)
-    decisions = _decide(source, quantize_embeddings)
+    decisions = moe.plan_units(source, _decide(source, quantize_embeddings))  # routed experts: one unit per stack
     started = time.perf_counter()
     hot = hot_columns_of(source, decisions, config)
-    summaries = _run_parts(src, source, decisions, config, hot, workdir, workers, progress, stop_after)
+    summaries = _run_parts(src, source, decisions, config, hot, workdir, workers, progress, stop_after,
+                           overrides or {})
     if summaries is None:
         raise XFPError(f"{out}: stopped after {stop_after} tensors; run again with --resume to finish")
+    summaries = moe.flatten(summaries)
     shards = _assemble(out, workdir, len(decisions), shard_bytes)
     source.write_aux_files(out)
     report = reporting.build(src, source, out, config, summaries, shards, time.perf_counter() - started)
@@ -127,13 +134,15 @@ def hot_columns_of(source: TensorSource, decisions: list[Decision], config: Quan
     mode v2a with keep_columns > 0. A pure function of the source and config, so a resumed run agrees."""
     if config.mode != "v2a" or config.keep_columns <= 0:
         return HotColumns(0.0)
-    names = [d.name for d in decisions if d.cls is not TensorClass.KEEP]
-    return hot_columns.find(names, source.load, config.keep_columns)
+    names, load = moe.hot_inputs(source, decisions)
+    return hot_columns.find(names, load, config.keep_columns)
 
 
 def _run_parts(src: Path, source: TensorSource, decisions: list[Decision], config: QuantConfig, hot: HotColumns,
-               workdir: Path, workers: int, progress: bool, stop_after: int | None) -> list[dict] | None:
+               workdir: Path, workers: int, progress: bool, stop_after: int | None,
+               overrides: dict[str, QuantConfig] | None = None) -> list[dict] | None:
     """Process every tensor not finished yet; None if stopped early by `stop_after`."""
+    overrides = overrides or {}
     summaries: dict[int, dict] = {}
     todo = []
     for i, decision in enumerate(decisions):
@@ -156,12 +165,13 @@ def _run_parts(src: Path, source: TensorSource, decisions: list[Decision], confi
 
     if workers <= 1:
         for i in todo:
-            done(process_tensor(source, i, decisions[i], config, workdir, hot))
+            done(process_tensor(source, i, decisions[i], overrides.get(decisions[i].name, config), workdir, hot))
     else:
         threads = max(1, torch.get_num_threads() // workers)
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker,
                                  initargs=(str(src), threads)) as pool:
-            futures = [pool.submit(run_in_worker, i, decisions[i], config, str(workdir), hot) for i in todo]
+            futures = [pool.submit(run_in_worker, i, decisions[i], overrides.get(decisions[i].name, config),
+                                   str(workdir), hot) for i in todo]
             for future in futures:
                 done(future.result())
     bar.close()

@@ -16,6 +16,8 @@ from xfp.classify import Decision, TensorClass
 from xfp.config import QuantConfig
 from xfp.format import io
 from xfp.format.spec import dense_bytes
+from xfp.moe.experts import ExpertStack
+from xfp.moe.pipeline import process_stack
 from xfp.quantize.autoselect import quantize_matrix
 from xfp.quantize.hot_columns import HotColumns
 from xfp.sources.base import TensorSource
@@ -56,6 +58,8 @@ def process_tensor(source: TensorSource, index: int, decision: Decision, config:
     hot: the model's hot input columns (kept whole in float16 in mode v2a), or None for none."""
     name = decision.name
     tensor_path, summary_path = part_paths(workdir, index)
+    if isinstance(decision, ExpertStack):  # routed experts of one projection: one part (xfp.moe)
+        return process_stack(source, index, decision, config, tensor_path, summary_path, hot, cosine_histogram)
     label = source.tensor_dtype(name)
     shape = list(source.tensor_shape(name))
     summary = {"index": index, "name": name, "class": decision.cls.value, "reason": decision.reason,

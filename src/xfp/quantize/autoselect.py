@@ -249,3 +249,66 @@ def _finish_v2a(name: str, w32: torch.Tensor, candidate: library.Candidate, pos:
     stats = all_statistics(cosines)
     meets = stats[config.statistic] >= floor
     return MatrixResult(name, packed, w_hat, cosines, floor, config.statistic, stats, meets, list(tried))
+
+
+def measure_candidates(w: torch.Tensor, config: QuantConfig, stop_floor: float, name: str = "tensor",
+                       kept_cols: torch.Tensor | None = None) -> list[dict]:
+    """Mode v2a: every candidate auto-select would screen for `w` [out, in] at floor `stop_floor`, in its
+    order (cheapest honest size first, escalation widths after), with honest bytes, every cosine statistic
+    of the screened reconstruction and its relative squared error ||W - W_hat||^2 / ||W||^2. Stops after the
+    first candidate whose `config.statistic` reaches `stop_floor` (the one `quantize_matrix` would pick), so
+    it costs about one auto-select. Used by the H-Process table (`xfp.fit.table`); nothing is packed.
+
+    Each row: bits, group, outliers (count), budget (the smallest outlier cap giving that count), bytes,
+    stats {statistic: cosine}, error.
+    """
+    check_weight(w, name)
+    if config.mode != "v2a":
+        raise XFPError(f"tensor '{name}': measuring candidates needs mode v2a, got {config.mode!r}")
+    w32 = w.detach().to(torch.float32, copy=True)
+    kept_cols = torch.zeros(0, dtype=torch.int64) if kept_cols is None else torch.unique(kept_cols.long())
+    n_rows, n_cols = w32.shape
+    positions: dict[int, tuple[float, torch.Tensor]] = {}
+    for budget in sorted(set(config.outliers.budgets)):
+        pos = outliers.select(w32, config.outliers, budget, kept_cols)
+        positions.setdefault(pos.numel(), (budget, pos))
+    flat = w32.reshape(-1)
+    norm2_w = (w32.double() ** 2).sum(1)
+    kept = w32[:, kept_cols]
+    kept_hat = kept_values(*library.code_kept(kept)).double()
+    kept_dot, kept_norm2 = (kept.double() * kept_hat).sum(1), (kept_hat ** 2).sum(1)
+    sums = {}
+    for n, (_, pos) in positions.items():
+        val, val16, row = flat[pos].double(), flat[pos].half().double(), pos // n_cols
+        sums[n] = (torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val * val16) + kept_dot,
+                   torch.zeros(n_rows, dtype=torch.float64).index_add_(0, row, val16 * val16) + kept_norm2)
+    total_w = float(norm2_w.sum())
+    cache: dict[tuple[int, int], library.Groups] = {}
+    rows: list[dict] = []
+    for widths in (config.bits, config.escalation_bits):
+        candidates = sorted(
+            (V2aLayout(n_rows, n_cols, b, n, g, config.library_size, kept_cols.numel())
+             for b in widths for g in config.group_size for n in positions),
+            key=lambda lay: (lay.total_bytes, lay.bits, lay.group, lay.n_outliers),
+        )
+        for layout in candidates:
+            key = (layout.group, layout.n_outliers)
+            groups = cache.get(key)
+            if groups is None:
+                mask = library.outlier_mask((n_rows, n_cols), positions[layout.n_outliers][1], kept_cols)
+                groups = library.normalise(w32, layout.group, mask)
+                while len(cache) >= GROUPS_KEPT:
+                    cache.pop(next(iter(cache)))
+                cache[key] = groups
+            candidate = library.evaluate(layout, groups, config.lloyd_iterations)
+            out_dot, out_norm2 = sums[layout.n_outliers]
+            dot, norm2_hat = candidate.dot + out_dot, candidate.norm2 + out_norm2
+            cos = cosine_from_sums(dot, norm2_w, norm2_hat)
+            error = float((norm2_w - 2 * dot + norm2_hat).sum()) / total_w if total_w > 0 else 0.0
+            stats = all_statistics(cos)
+            rows.append({"bits": layout.bits, "group": layout.group, "outliers": layout.n_outliers,
+                         "budget": positions[layout.n_outliers][0], "bytes": layout.total_bytes,
+                         "stats": stats, "error": max(error, 0.0)})
+            if stats[config.statistic] >= stop_floor:
+                return rows
+    return rows

@@ -6,8 +6,8 @@ The module holds the stored tensors as buffers named exactly like the file's ten
 `.xfp_outlier_pos`, `.xfp_outlier_val`, `.xfp_kept_cols`, `.xfp_kept_val`, `.xfp_kept_scale`, `.xfp_meta`),
 sized from the layout table (`xfp.format.spec`), so a folder's state dict loads into it with no renaming,
 plus an optional dense `bias`. The dense matrix is never kept: every forward of a V2 matrix hands the packed
-parts to the kernel chosen by `xfp.runtime.dispatch`; a V2a matrix takes the exact reference decode
-(`dispatch.reference_linear`) until kernels for it exist.
+parts to the kernel chosen by `xfp.runtime.dispatch` (the fused CPU kernels serve both modes; elsewhere the
+exact reference decode).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class XFPLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._kernel_cache: dict = {}  # per-matrix kernel state (dispatch.state_for); not part of the state dict
+        self._fast: dispatch.FastPath | None = None  # the CPU kernel's shortcut, remade when it no longer applies
 
     @property
     def mode(self) -> str:
@@ -108,10 +109,15 @@ class XFPLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] float -> [..., out_features] in x's dtype."""
+        fast = self._fast
+        if fast is not None:
+            y = fast(x, self._parameters["bias"])
+            if y is not None:
+                return y
         packed = self.packed()
-        if isinstance(packed, PackedV2a):  # no fused kernel for V2a yet: the exact reference decode
-            return dispatch.reference_linear(x, packed, self.bias)
-        return dispatch.linear(x, packed, self.bias, cache=self._kernel_cache)
+        y = dispatch.linear(x, packed, self.bias, cache=self._kernel_cache)
+        self._fast = dispatch.fast_path(self._buffers, packed, x, self._kernel_cache)
+        return y
 
     def validate(self, path: str | Path, name: str) -> Packed:
         """Check the loaded buffers against docs/FORMAT.md and this layer's shape, or raise FormatError.

@@ -1,4 +1,4 @@
-"""The fused CPU kernel for V2 matrices: `y = x @ W_hat.T` straight from the packed tensors.
+"""The fused CPU kernels for V2 and V2a matrices: `y = x @ W_hat.T` straight from the packed tensors.
 
 W_hat is never materialised. Batch rows are handled in two ways:
 
@@ -17,6 +17,19 @@ for a float32 dot product of that length; in practice the error is far smaller).
 multiplies the exact float32 W_hat with BLAS, so its error is BLAS's own. Inputs in bfloat16/float16 are
 computed in float32 and rounded once at the end.
 
+Mode V2a (`prepare_v2a`, `V2aState`; same entry points): per group the fused path computes
+`s * sum_c e[c] * x[c] + o * sum_c x[c]` (the group sums of x are made once per call), so a coded weight
+enters as its exact value `e*s + o`, not rounded to float16 as W_hat is; the outliers add
+`(value - (e*s + o)) * x[col]` and the kept columns `kept[r, j] * x[kept_cols[j]]`, x being zeroed there
+for the groups (the kept value replaces the decoded one). With `a[r] = sum_c |x_c| |W_hat[r, c]|` and
+`b[r] = sum_c |x_c| (|e s| + |o| + |W_hat[r, c]|)`, every output obeys
+`|y[r] - (x @ W_hat.T)[r]| <= 2**-11 * (a[r] + 2**-14 * sum_c |x_c|) + (cols + groups + 2 * outliers(r) + kept + 16) * u * b[r]`
+(tested in tests/runtime/test_kernels_v2a.py): the first term is float16's own rounding of each weight,
+relative 2**-11 (the precision W_hat is stored in), the second the float32 sums. Decoded tiles (prefill)
+are exact: `float16(float32(e*s + o))` by the F16C conversion, then outliers, then kept columns. The SIMD
+kernels need the group size to be a multiple of their chunk of columns (16..64, so G = 64 and 128 always
+qualify); other group sizes take the portable kernel.
+
 Instruction set: chosen at run time, the best this CPU supports (AVX-512, else AVX2, else portable C++);
 `XFP_CPU_ISA=avx512|avx2|scalar` forces one (tests use it to cover every path on one machine).
 Threads: torch's own pool (`torch.set_num_threads`); each output row is computed by one thread in a fixed
@@ -30,10 +43,12 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Union
 
 import torch
 
-from xfp.format.reference import PackedV2
+from xfp.format.reference import Packed, PackedV2, PackedV2a
 from xfp.format.spec import row_bytes
 
 log = logging.getLogger(__name__)
@@ -53,7 +68,8 @@ per-call packing of x amortised) on taller tiles (measured: docs/PERFORMANCE.md)
 
 TILE_LARGE_M = 64
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Input dtypes the kernels take (computed in float32)."""
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -101,6 +117,14 @@ def _load() -> ctypes.CDLL:
     lib.xfp_v2_gemv.restype = ctypes.c_int
     lib.xfp_v2_decode.argtypes = [ctypes.c_int, p, i64, i64, p, i64]
     lib.xfp_v2_decode.restype = ctypes.c_int
+    lib.xfp_v2a_matrix_size.argtypes = []
+    lib.xfp_v2a_matrix_size.restype = i64
+    if lib.xfp_v2a_matrix_size() != ctypes.sizeof(_V2aMatrix):
+        raise RuntimeError(f"{library_path()} does not match this package's V2aMatrix layout")
+    lib.xfp_v2a_gemv.argtypes = [ctypes.c_int, p, p, i64, i64, p, i64]
+    lib.xfp_v2a_gemv.restype = ctypes.c_int
+    lib.xfp_v2a_decode.argtypes = [ctypes.c_int, p, i64, i64, p, i64]
+    lib.xfp_v2a_decode.restype = ctypes.c_int
     return lib
 
 
@@ -111,6 +135,16 @@ class _V2Matrix(ctypes.Structure):
                 ("ol_col", ctypes.c_void_p), ("ol_delta", ctypes.c_void_p), ("ol_val", ctypes.c_void_p),
                 ("row_bytes", ctypes.c_int64), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32),
                 ("bits", ctypes.c_int32)]
+
+
+class _V2aMatrix(ctypes.Structure):
+    """Mirror of `xfp::V2aMatrix` (csrc/v2.h)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("codes", "library", "scale", "offset", "ids", "scale_table", "offset_table", "ol_rowptr", "ol_col",
+                 "ol_delta", "ol_val", "kept_cols", "kept_w")] + \
+               [("row_bytes", ctypes.c_int64)] + \
+               [(name, ctypes.c_int32) for name in ("rows", "cols", "bits", "group", "lib", "groups", "kept")]
 
 
 _supported: list[str] | None = None
@@ -140,7 +174,7 @@ def isa() -> str:
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
     """CPU tensors in float32/bfloat16/float16, where the kernels compile and load."""
-    return device.type == "cpu" and dtype in _DTYPES and (_lib is not None or unavailable_reason() is None)
+    return device.type == "cpu" and dtype in DTYPES and (_lib is not None or unavailable_reason() is None)
 
 
 @dataclass(frozen=True)
@@ -164,8 +198,9 @@ class V2State:
     matrix: _V2Matrix
     address: int
 
-    def check(self, packed: PackedV2) -> None:
-        if packed.codes is not self.source[0] or packed.codebook is not self.source[1]:
+    def check(self, packed: PackedV2) -> None:  # by storage: a dtype-cast round trip (module.to) makes new views
+        if (packed.codes.data_ptr(), packed.codebook.data_ptr()) != (self.source[0].data_ptr(),
+                                                                      self.source[1].data_ptr()):
             raise ValueError("this kernel state was prepared for another matrix; call prepare(packed)")
 
 
@@ -206,27 +241,109 @@ def prepare(packed: PackedV2) -> V2State:
                    ctypes.addressof(matrix))
 
 
-def gemv(x: torch.Tensor, packed: PackedV2, state: V2State, isa_name: str) -> torch.Tensor:
+@dataclass(frozen=True)
+class V2aState:
+    """What the kernel derives once per V2a matrix (cached on the module by `dispatch`).
+
+    ol_rowptr: [rows+1] int32, ol_col: [n] int32 (outliers by row; any in a kept column dropped, as the kept
+    column wins), ol_delta: [n] float32 = value - (e*s + o) at its position (float64, rounded once),
+    ol_val: [n] float32, kept_w: [rows, m] float32 = the decoded kept values, scale_table/offset_table: [256]
+    float32. The matrix's own uint8/float16 tensors are read in place (made contiguous once).
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    source: tuple[torch.Tensor, torch.Tensor]
+    matrix: _V2aMatrix
+    address: int
+
+    def check(self, packed: PackedV2a) -> None:
+        if (packed.codes.data_ptr(), packed.library.data_ptr()) != (self.source[0].data_ptr(),
+                                                                     self.source[1].data_ptr()):
+            raise ValueError("this kernel state was prepared for another matrix; call prepare(packed)")
+
+
+State = Union[V2State, V2aState]
+
+
+def _check_parts(packed: Packed) -> None:
+    if packed.codes.device.type != "cpu":
+        raise ValueError(f"the {NAME!r} kernel needs the matrix on the CPU, not {packed.codes.device}")
+    expected = packed.layout.tensors()  # the stored dtypes and shapes (the C side reads raw memory)
+    for part, (dtype, shape) in expected.items():
+        if part == "meta":
+            continue
+        t = getattr(packed, part)
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"packed.{part} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+
+
+def prepare_v2a(packed: PackedV2a) -> V2aState:
+    """Outliers of `packed` by row with their corrections against e*s + o, the kept columns as float32."""
+    _check_parts(packed)
+    cols, group = packed.cols, packed.group
+    pos = packed.outlier_pos.long()
+    rows, ocols = pos // cols, pos % cols
+    kept = packed.kept_cols.long()
+    if kept.numel():  # readers refuse an outlier in a kept column; were one there, the kept column would win
+        live = ~torch.isin(ocols, kept)
+        pos, rows, ocols = pos[live], rows[live], ocols[live]
+        values = packed.outlier_val[live]
+    else:
+        values = packed.outlier_val
+    rowptr = torch.zeros(packed.rows + 1, dtype=torch.int64)
+    rowptr[1:] = torch.bincount(rows, minlength=packed.rows).cumsum(0)
+    g = ocols // group
+    ids = packed.ids[rows, g].long() if packed.ids.shape[1] else torch.zeros_like(rows)
+    e = packed.library[ids, indices_at(packed.codes, packed.bits, rows, ocols)].double()
+    s = packed.scale_table[packed.scale[rows, g].long()].double()
+    o = packed.offset_table[packed.offset[rows, g].long()].double()
+    val = values.double()
+    ol_rowptr, ol_col = rowptr.to(torch.int32), ocols.to(torch.int32)
+    ol_delta, ol_val = (val - (e * s + o)).float(), val.float()  # e*s + o is exact in float64
+    kept_cols = packed.kept_cols.to(torch.int32).contiguous()
+    kept_w = packed.kept_values.float().contiguous()
+    scale_table, offset_table = packed.scale_table.float().contiguous(), packed.offset_table.float().contiguous()
+    codes, library = packed.codes.contiguous(), packed.library.contiguous()
+    scale, offset, group_ids = packed.scale.contiguous(), packed.offset.contiguous(), packed.ids.contiguous()
+    keep = (ol_rowptr, ol_col, ol_delta, ol_val, kept_cols, kept_w, scale_table, offset_table, codes, library, scale,
+            offset, group_ids)
+    matrix = _V2aMatrix(codes.data_ptr(), library.data_ptr(), scale.data_ptr(), offset.data_ptr(),
+                        group_ids.data_ptr() if packed.library_size > 1 else None, scale_table.data_ptr(),
+                        offset_table.data_ptr(), ol_rowptr.data_ptr(), ol_col.data_ptr(), ol_delta.data_ptr(),
+                        ol_val.data_ptr(), kept_cols.data_ptr(), kept_w.data_ptr(), row_bytes(cols, packed.bits),
+                        packed.rows, cols, packed.bits, group, packed.library_size, packed.layout.groups,
+                        int(kept_cols.numel()))
+    return V2aState(keep, (packed.codes, packed.library), matrix, ctypes.addressof(matrix))
+
+
+def prepare_any(packed: Packed) -> State:
+    """`prepare` (V2) or `prepare_v2a`, by the matrix's mode."""
+    return prepare_v2a(packed) if isinstance(packed, PackedV2a) else prepare(packed)
+
+
+def gemv(x: torch.Tensor, packed: Packed, state: State, isa_name: str) -> torch.Tensor:
     """x: [m, cols] float32 contiguous -> x @ W_hat.T: [m, rows] float32, fused (any m; best for small m)."""
     state.check(packed)
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != packed.cols or not x.is_contiguous():
         raise ValueError(f"x must be float32 contiguous [m, {packed.cols}], got {x.dtype} {list(x.shape)}")
     m = x.shape[0]
     y = torch.empty(m, packed.rows, dtype=torch.float32)
-    if library().xfp_v2_gemv(ISAS[isa_name], state.address, x.data_ptr(), m, packed.cols, y.data_ptr(),
-                             packed.rows) != 0:
-        raise RuntimeError(f"xfp_v2_gemv refused its arguments ({packed.rows}x{packed.cols}, {packed.bits} bits)")
+    fn = library().xfp_v2a_gemv if isinstance(state, V2aState) else library().xfp_v2_gemv
+    if fn(ISAS[isa_name], state.address, x.data_ptr(), m, packed.cols, y.data_ptr(), packed.rows) != 0:
+        raise RuntimeError(f"the {packed.mode} gemv refused its arguments ({packed.rows}x{packed.cols}, "
+                           f"{packed.bits} bits)")
     return y
 
 
-def decode_rows(packed: PackedV2, state: V2State, r0: int, r1: int, out: torch.Tensor, isa_name: str) -> None:
+def decode_rows(packed: Packed, state: State, r0: int, r1: int, out: torch.Tensor, isa_name: str) -> None:
     """out[: r1 - r0] = W_hat[r0:r1] as float32 (exact); out: [>= r1-r0, cols] float32 contiguous."""
     state.check(packed)
     if out.dtype != torch.float32 or not out.is_contiguous() or out.shape[0] < r1 - r0 or out.shape[1] != packed.cols:
         raise ValueError(f"out must be float32 contiguous [>= {r1 - r0}, {packed.cols}], got {out.dtype} "
                          f"{list(out.shape)}")
-    if library().xfp_v2_decode(ISAS[isa_name], state.address, r0, r1, out.data_ptr(), packed.cols) != 0:
-        raise RuntimeError(f"xfp_v2_decode refused its arguments (rows {r0}:{r1} of {packed.rows})")
+    fn = library().xfp_v2a_decode if isinstance(state, V2aState) else library().xfp_v2_decode
+    if fn(ISAS[isa_name], state.address, r0, r1, out.data_ptr(), packed.cols) != 0:
+        raise RuntimeError(f"the {packed.mode} decode refused its arguments (rows {r0}:{r1} of {packed.rows})")
 
 
 def tile_rows(cols: int, m: int) -> int:
@@ -235,7 +352,7 @@ def tile_rows(cols: int, m: int) -> int:
     return max(16, nbytes // (4 * cols) // 16 * 16)
 
 
-def tiled(x: torch.Tensor, packed: PackedV2, state: V2State, isa_name: str) -> torch.Tensor:
+def tiled(x: torch.Tensor, packed: Packed, state: State, isa_name: str) -> torch.Tensor:
     """x: [m, cols] float32 contiguous -> [m, rows] float32, by decoded tiles and torch.mm."""
     step = min(packed.rows, tile_rows(packed.cols, x.shape[0]))
     tile = torch.empty(step, packed.cols, dtype=torch.float32)
@@ -248,7 +365,7 @@ def tiled(x: torch.Tensor, packed: PackedV2, state: V2State, isa_name: str) -> t
     return yt.t().contiguous()
 
 
-def linear(x: torch.Tensor, packed: PackedV2, bias: torch.Tensor | None, state: V2State) -> torch.Tensor:
+def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, state: State) -> torch.Tensor:
     """x: [..., cols] float32/bfloat16/float16 on the CPU -> x @ W_hat.T (+ bias): [..., rows] in x's dtype."""
     cols = packed.cols
     if x.shape[-1] != cols:
@@ -265,5 +382,37 @@ def linear(x: torch.Tensor, packed: PackedV2, bias: torch.Tensor | None, state: 
     return y.view(*x.shape[:-1], packed.rows)
 
 
-__all__ = ["FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "V2State", "decode_rows", "gemv", "indices_at", "isa",
-           "library", "linear", "prepare", "supported_isas", "supports", "tiled", "unavailable_reason"]
+def runner(packed: Packed, state: State) -> Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]:
+    """`linear` for this one matrix with the instruction set chosen now, its per-call checks done once:
+    (x, bias) -> x @ W_hat.T + bias. For `dispatch.FastPath`, which re-checks what this assumes."""
+    state.check(packed)
+    isa_name = isa()
+    code, address, rows, cols = ISAS[isa_name], state.address, packed.rows, packed.cols
+    fused = library().xfp_v2a_gemv if isinstance(state, V2aState) else library().xfp_v2_gemv
+    f32 = torch.float32
+
+    def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[-1] != cols:
+            raise ValueError(f"x has {x.shape[-1]} features, the matrix has {cols} columns")
+        x2 = x.reshape(-1, cols)
+        if x2.dtype is not f32 or not x2.is_contiguous():
+            x2 = x2.to(f32).contiguous()
+        m = x2.shape[0]
+        if m <= FUSED_MAX_M:
+            y = torch.empty(m, rows, dtype=f32)
+            if fused(code, address, x2.data_ptr(), m, cols, y.data_ptr(), rows) != 0:
+                raise RuntimeError(f"the {packed.mode} gemv refused its arguments ({rows}x{cols})")
+        else:
+            y = tiled(x2, packed, state, isa_name)
+        if bias is not None:
+            y += bias if bias.dtype is f32 else bias.to(f32)
+        if x.dtype is not f32:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], rows)
+
+    return run
+
+
+__all__ = ["DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "decode_rows", "gemv",
+           "indices_at", "isa", "library", "linear", "prepare", "prepare_any", "prepare_v2a", "runner", "supported_isas", "supports",
+           "tiled", "unavailable_reason"]

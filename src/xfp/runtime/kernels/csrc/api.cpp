@@ -109,4 +109,71 @@ int xfp_v2_decode(int isa, const xfp::V2Matrix* w, int64_t r0, int64_t r1, float
   return 0;
 }
 
+// ---- V2a -----------------------------------------------------------------------------------------------
+
+// sizeof(V2aMatrix): cpu.py checks its ctypes mirror against it.
+int64_t xfp_v2a_matrix_size() { return int64_t(sizeof(xfp::V2aMatrix)); }
+
+static bool valid_v2a(const xfp::V2aMatrix* w) {
+  return w && xfp::valid_bits(w->bits) && w->rows >= 1 && w->cols >= 1 && w->group >= 1 && w->lib >= 1 &&
+         w->lib <= 256 && w->groups == (int64_t(w->cols) + w->group - 1) / w->group && w->kept >= 0 &&
+         w->kept <= w->cols && (w->lib == 1 || w->ids) && w->row_bytes == (int64_t(w->cols) * w->bits + 7) / 8;
+}
+
+// The kernels of `isa` if its chunks tile the matrix's groups, else the portable ones (any group size).
+static const xfp::IsaKernels* v2a_kernels(const xfp::IsaKernels* k, const xfp::V2aMatrix* w, bool gemv) {
+  const int64_t chunk = gemv ? int64_t(k->lanes) * k->phases[w->bits] : k->lanes;
+  return w->group % chunk == 0 ? k : xfp::usable(xfp::kScalar);
+}
+
+// y[i * ldy + r] = sum_c W_hat[r, c] * x[i * ldx + c] for i < m, r < rows (W_hat's values before their
+// float16 rounding, see V2aMatrix). Returns 0, or -1 on bad arguments.
+int xfp_v2a_gemv(int isa, const xfp::V2aMatrix* w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
+  const xfp::IsaKernels* k = xfp::usable(isa);
+  if (!k || !valid_v2a(w) || m < 0 || ldx < w->cols || ldy < w->rows) return -1;
+  if (m == 0) return 0;
+  k = v2a_kernels(k, w, true);
+  const int64_t P = k->phases[w->bits], lanes = k->lanes, block = P * lanes, cols = w->cols;
+  const int64_t stride = (cols + block - 1) / block * block;
+  const int64_t groups = w->groups, G = w->group;
+  std::vector<float> xs(size_t(m * stride), 0.f), xsum(size_t(m * groups), 0.f);
+  std::vector<float> xk(size_t(m * cols));  // x with the kept columns zeroed
+  for (int64_t i = 0; i < m; ++i) {
+    float* xi = xk.data() + i * cols;
+    std::copy(x + i * ldx, x + i * ldx + cols, xi);
+    for (int32_t j = 0; j < w->kept; ++j) xi[w->kept_cols[j]] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      double sum = 0.0;  // one rounding: the offsets' products see float32(exact group sum)
+      for (int64_t c = g * G; c < std::min(cols, (g + 1) * G); ++c) sum += xi[c];
+      xsum[size_t(i * groups + g)] = float(sum);
+    }
+    float* dst = xs.data() + i * stride;
+    for (int64_t b = 0; b < stride; b += block)
+      for (int64_t kk = 0; kk < lanes; ++kk)
+        for (int64_t s = 0; s < P; ++s)
+          if (b + kk * P + s < cols) dst[b + s * lanes + kk] = xi[b + kk * P + s];
+  }
+  const int64_t per_pass = std::clamp<int64_t>(xfp::kL1Bytes / (stride * int64_t(sizeof(float))), 1, xfp::kMaxM);
+  at::parallel_for(0, w->rows, xfp::grain_rows(w->cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t i0 = 0; i0 < m; i0 += per_pass) {
+      const int n = int(std::min<int64_t>(per_pass, m - i0));
+      const xfp::V2aActivations act{xs.data() + i0 * stride, stride, xsum.data() + i0 * groups, groups,
+                                    x + i0 * ldx, ldx, n};
+      k->v2a_gemv(*w, act, y + i0 * ldy, ldy, r0, r1);
+    }
+  });
+  return 0;
+}
+
+// out[(r - r0) * ldo + c] = W_hat[r, c] (float32, exact) for r in [r0, r1). Returns 0, or -1 on bad arguments.
+int xfp_v2a_decode(int isa, const xfp::V2aMatrix* w, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+  const xfp::IsaKernels* k = xfp::usable(isa);
+  if (!k || !valid_v2a(w) || r0 < 0 || r1 > w->rows || r0 > r1 || ldo < w->cols) return -1;
+  k = v2a_kernels(k, w, false);
+  at::parallel_for(r0, r1, xfp::grain_rows(w->cols), [&](int64_t a, int64_t b) {
+    k->v2a_decode(*w, out + (a - r0) * ldo, ldo, a, b);
+  });
+  return 0;
+}
+
 }  // extern "C"

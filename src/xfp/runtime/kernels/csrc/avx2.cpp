@@ -5,6 +5,7 @@
 //   4 and 2 bits: vpmovzxbd of 8 bytes, shifts give 16 (32) weights in 2 (4) phases.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "v2.h"
@@ -218,8 +219,157 @@ void decode_rows(const V2Matrix& w, float* out, int64_t ldo, int64_t r0, int64_t
   }
 }
 
+// ---- V2a (v2.h: V2aMatrix). A chunk is 8 bytes = P*8 columns (2, 4 bits, phase-major x) or B bytes =
+// 8 columns (other widths, natural order); the group size is a multiple of a chunk's columns.
+
+template <int B>
+struct V2aShape {
+  static constexpr bool phased = B == 2 || B == 4;
+  static constexpr int P = phased ? 8 / B : 1;
+  static constexpr int cols = phased ? P * L : L;  // columns per chunk
+  static constexpr int bytes = phased ? 8 : B;
+};
+
+template <int B, int NM>
+void v2a_gemv_rows_t(const V2aMatrix& w, const V2aActivations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  using S = V2aShape<B>;
+  constexpr int NA = S::phased ? S::P : 2;  // independent accumulators per group
+  const Unpacker<B> u;
+  Luts<B> l;
+  int id = -1;
+  const int64_t per_group = w.group / S::cols;
+  const int64_t chunks = (w.cols + S::cols - 1) / S::cols;
+  alignas(8) uint8_t tail[8];
+  float out[NM];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.codes + r * w.row_bytes;
+    const uint8_t* sc = w.scale + r * w.groups;
+    const uint8_t* ids = w.ids ? w.ids + r * w.groups : nullptr;
+    __m256 acc[NM];  // arrays of vectors are only indexed by unrolled constants: they stay in registers
+    for (int i = 0; i < NM; ++i) acc[i] = _mm256_setzero_ps();
+    for (int32_t g = 0; g < w.groups; ++g) {
+      const int want = ids ? ids[g] : 0;
+      if (want != id || (B <= 6 && ids)) {  // ids vary at random: reloading (1-4 conversions) beats a mispredict
+        id = want;
+        load_luts<B>(w.library + (int64_t(id) << B), l);
+      }
+      __m256 ga[NM][NA];
+      for (int i = 0; i < NM; ++i)
+        for (int s = 0; s < NA; ++s) ga[i][s] = _mm256_setzero_ps();
+      const int64_t c0 = g * per_group, c1 = std::min<int64_t>(c0 + per_group, chunks);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t at = c * S::bytes;
+        const uint8_t* p = at + 8 <= w.row_bytes ? row + at : readable8(row + at, w.row_bytes - at, tail);
+        if constexpr (S::phased) {
+          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+          for (int s = 0; s < S::P; ++s) {
+            const __m256 wv = lookup<B>(s ? _mm256_srli_epi32(v, s * B) : v, l);
+            for (int i = 0; i < NM; ++i)
+              ga[i][s] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a.xs + i * a.xs_stride + c * S::cols + s * L), ga[i][s]);
+          }
+        } else {
+          const __m256 wv = lookup<B>(u(p), l);
+          for (int i = 0; i < NM; ++i)
+            ga[i][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a.xs + i * a.xs_stride + c * L), ga[i][0]);
+          if (++c == c1) break;  // the next chunk feeds the second accumulator
+          const int64_t at1 = c * S::bytes;
+          const uint8_t* p1 = at1 + 8 <= w.row_bytes ? row + at1 : readable8(row + at1, w.row_bytes - at1, tail);
+          const __m256 wv1 = lookup<B>(u(p1), l);
+          for (int i = 0; i < NM; ++i)
+            ga[i][1] = _mm256_fmadd_ps(wv1, _mm256_loadu_ps(a.xs + i * a.xs_stride + c * L), ga[i][1]);
+        }
+      }
+      const __m256 sv = _mm256_set1_ps(w.scale_table[sc[g]]);
+      for (int i = 0; i < NM; ++i) {
+        __m256 sum = ga[i][0];
+        for (int s = 1; s < NA; ++s) sum = _mm256_add_ps(sum, ga[i][s]);
+        acc[i] = _mm256_fmadd_ps(sum, sv, acc[i]);
+      }
+    }
+    for (int i = 0; i < NM; ++i) out[i] = hsum(acc[i]);
+    v2a_finish_row<NM>(w, a, r, out);
+    for (int i = 0; i < NM; ++i) y[i * ldy + r] = out[i];
+  }
+}
+
+template <int B>
+void v2a_decode_rows_t(const V2aMatrix& w, float* out, int64_t ldo, int64_t r0, int64_t r1) {
+  constexpr int GB = B;  // bytes per 8 columns
+  const Unpacker<B> u;
+  Luts<B> l;
+  int id = -1;
+  const int64_t per_group = w.group / L;
+  const int64_t chunks = (w.cols + L - 1) / L;
+  const int last = w.cols - int(chunks - 1) * L;
+  alignas(32) float buf[L];
+  alignas(8) uint8_t tail[8];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.codes + r * w.row_bytes;
+    float* o = out + (r - r0) * ldo;
+    for (int32_t g = 0; g < w.groups; ++g) {
+      const int want = w.ids ? w.ids[r * w.groups + g] : 0;
+      if (want != id) {
+        id = want;
+        load_luts<B>(w.library + (int64_t(id) << B), l);
+      }
+      const __m256 sv = _mm256_set1_ps(w.scale_table[w.scale[r * w.groups + g]]);
+      const __m256 ov = _mm256_set1_ps(w.offset_table[w.offset[r * w.groups + g]]);
+      const int64_t c0 = g * per_group, c1 = std::min<int64_t>(c0 + per_group, chunks);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t at = c * GB;
+        const uint8_t* p = at + 8 <= w.row_bytes ? row + at : readable8(row + at, w.row_bytes - at, tail);
+        // e * s is exact in float32, so the FMA rounds once, as the format's float32(e * s + o)
+        const __m256 v = _mm256_fmadd_ps(lookup<B>(u(p), l), sv, ov);
+        const __m256 h = _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        if (c + 1 < chunks)
+          _mm256_storeu_ps(o + c * L, h);
+        else
+        {
+          _mm256_store_ps(buf, h);
+          std::memcpy(o + c * L, buf, sizeof(float) * size_t(last));
+        }
+      }
+    }
+    v2a_overwrite_row(w, r, o);
+  }
+}
+
+template <int B>
+void v2a_gemv_rows_b(const V2aMatrix& w, const V2aActivations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  switch (a.m) {
+    case 1: return v2a_gemv_rows_t<B, 1>(w, a, y, ldy, r0, r1);
+    case 2: return v2a_gemv_rows_t<B, 2>(w, a, y, ldy, r0, r1);
+    case 3: return v2a_gemv_rows_t<B, 3>(w, a, y, ldy, r0, r1);
+    default: return v2a_gemv_rows_t<B, 4>(w, a, y, ldy, r0, r1);
+  }
+}
+
+void v2a_gemv_rows(const V2aMatrix& w, const V2aActivations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  switch (w.bits) {
+    case 2: return v2a_gemv_rows_b<2>(w, a, y, ldy, r0, r1);
+    case 3: return v2a_gemv_rows_b<3>(w, a, y, ldy, r0, r1);
+    case 4: return v2a_gemv_rows_b<4>(w, a, y, ldy, r0, r1);
+    case 5: return v2a_gemv_rows_b<5>(w, a, y, ldy, r0, r1);
+    case 6: return v2a_gemv_rows_b<6>(w, a, y, ldy, r0, r1);
+    default: return v2a_gemv_rows_b<8>(w, a, y, ldy, r0, r1);
+  }
+}
+
+void v2a_decode_rows(const V2aMatrix& w, float* out, int64_t ldo, int64_t r0, int64_t r1) {
+  switch (w.bits) {
+    case 2: return v2a_decode_rows_t<2>(w, out, ldo, r0, r1);
+    case 3: return v2a_decode_rows_t<3>(w, out, ldo, r0, r1);
+    case 4: return v2a_decode_rows_t<4>(w, out, ldo, r0, r1);
+    case 5: return v2a_decode_rows_t<5>(w, out, ldo, r0, r1);
+    case 6: return v2a_decode_rows_t<6>(w, out, ldo, r0, r1);
+    default: return v2a_decode_rows_t<8>(w, out, ldo, r0, r1);
+  }
+}
+
 }  // namespace
 
-IsaKernels avx2_kernels() { return {L, {1, 1, 4, 1, 2, 1, 1, 1, 1}, gemv_rows, decode_rows}; }
+IsaKernels avx2_kernels() {
+  return {L, {1, 1, 4, 1, 2, 1, 1, 1, 1}, gemv_rows, decode_rows, v2a_gemv_rows, v2a_decode_rows};
+}
 
 }  // namespace xfp

@@ -1,6 +1,7 @@
 // Portable kernels: plain C++, natural column order (P = L = 1). The fallback where no SIMD path
 // applies (another architecture, or XFP_CPU_ISA=scalar), and the readable statement of what the SIMD
 // paths compute.
+#include <algorithm>
 #include <cstring>
 
 #include "v2.h"
@@ -47,8 +48,68 @@ void decode_rows(const V2Matrix& w, float* out, int64_t ldo, int64_t r0, int64_t
   }
 }
 
+// V2a, any group size: per group s * sum(e * x) over the group's columns (x zeroed on kept columns),
+// then the shared per-row terms (v2.h).
+void v2a_gemv_rows(const V2aMatrix& w, const V2aActivations& act, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  float lut[256];
+  const int entries = 1 << w.bits;
+  int id = -1;
+  float out[kMaxM];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.codes + r * w.row_bytes;
+    const uint8_t* sc = w.scale + r * w.groups;
+    for (int i = 0; i < act.m; ++i) out[i] = 0.f;
+    for (int32_t g = 0; g < w.groups; ++g) {
+      const int want = w.ids ? w.ids[r * w.groups + g] : 0;
+      if (want != id) {
+        id = want;
+        for (int j = 0; j < entries; ++j) lut[j] = half_to_float(w.library[id * entries + j]);
+      }
+      const int64_t c0 = int64_t(g) * w.group, c1 = std::min<int64_t>(c0 + w.group, w.cols);
+      const float s = w.scale_table[sc[g]];
+      for (int i = 0; i < act.m; ++i) {
+        const float* x = act.xs + i * act.xs_stride;
+        float acc = 0.f;
+        for (int64_t c = c0; c < c1; ++c) acc += lut[index_at(row, w.row_bytes, c, w.bits)] * x[c];
+        out[i] += s * acc;
+      }
+    }
+    switch (act.m) {  // the shared tail is templated on the row count
+      case 1: v2a_finish_row<1>(w, act, r, out); break;
+      case 2: v2a_finish_row<2>(w, act, r, out); break;
+      case 3: v2a_finish_row<3>(w, act, r, out); break;
+      default: v2a_finish_row<4>(w, act, r, out); break;
+    }
+    for (int i = 0; i < act.m; ++i) y[i * ldy + r] = out[i];
+  }
+}
+
+void v2a_decode_rows(const V2aMatrix& w, float* out, int64_t ldo, int64_t r0, int64_t r1) {
+  float lut[256];
+  const int entries = 1 << w.bits;
+  int id = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.codes + r * w.row_bytes;
+    float* o = out + (r - r0) * ldo;
+    for (int32_t g = 0; g < w.groups; ++g) {
+      const int want = w.ids ? w.ids[r * w.groups + g] : 0;
+      if (want != id) {
+        id = want;
+        for (int j = 0; j < entries; ++j) lut[j] = half_to_float(w.library[id * entries + j]);
+      }
+      const float s = w.scale_table[w.scale[r * w.groups + g]], off = w.offset_table[w.offset[r * w.groups + g]];
+      const int64_t c0 = int64_t(g) * w.group, c1 = std::min<int64_t>(c0 + w.group, w.cols);
+      for (int64_t c = c0; c < c1; ++c)  // e * s is exact in float32: one rounding, then one to float16
+        o[c] = half_to_float(float_to_half(lut[index_at(row, w.row_bytes, c, w.bits)] * s + off));
+    }
+    v2a_overwrite_row(w, r, o);
+  }
+}
+
 }  // namespace
 
-IsaKernels scalar_kernels() { return {1, {1, 1, 1, 1, 1, 1, 1, 1, 1}, gemv_rows, decode_rows}; }
+IsaKernels scalar_kernels() {
+  return {1, {1, 1, 1, 1, 1, 1, 1, 1, 1}, gemv_rows, decode_rows, v2a_gemv_rows, v2a_decode_rows};
+}
 
 }  // namespace xfp

@@ -43,11 +43,54 @@ using GemvRowsFn = void (*)(const V2Matrix& w, const Activations& act, float* y,
 // out[(r - r0) * ldo + c] = W_hat[r, c] as float32 (exact), for r in [r0, r1).
 using DecodeRowsFn = void (*)(const V2Matrix& w, float* out, int64_t ldo, int64_t r0, int64_t r1);
 
+// One stored V2a matrix (docs/FORMAT.md, section 3), prepared once per matrix by cpu.py.
+//
+// The fused product never rounds a weight to float16: for every group it computes
+// s * sum_c e[c] * x[c] + o * sum_c x[c], i.e. x times the exact real values e*s + o (which the format's
+// W_hat rounds to float16), with x zeroed on the kept columns; then per row the outlier corrections
+// (value - (e*s + o), prepared in float64, rounded once) and the kept columns' products. Decoded rows are
+// exact: float16(float32(e*s + o)), then outliers, then kept columns.
+struct V2aMatrix {
+  const uint8_t* codes;        // [rows, row_bytes] packed b-bit indices, as V2
+  const uint16_t* library;     // [lib, 1 << bits] float16 bit patterns
+  const uint8_t* scale;        // [rows, groups] codes into scale_table
+  const uint8_t* offset;       // [rows, groups] codes into offset_table
+  const uint8_t* ids;          // [rows, groups] library ids, or null when lib == 1
+  const float* scale_table;    // [256] float32 (exact copies of the float16 table)
+  const float* offset_table;   // [256]
+  const int32_t* ol_rowptr;    // [rows + 1] outliers of row r are [ol_rowptr[r], ol_rowptr[r + 1])
+  const int32_t* ol_col;       // [n]
+  const float* ol_delta;       // [n] outlier value - (e*s + o) at its position (added to fused products)
+  const float* ol_val;         // [n] outlier value (written into decoded rows)
+  const int32_t* kept_cols;    // [kept] strictly increasing
+  const float* kept_w;         // [rows, kept] decoded kept values float16(q * scale), as float32
+  int64_t row_bytes;           // ceil(cols * bits / 8)
+  int32_t rows, cols, bits, group, lib, groups, kept;
+};
+
+// Activations of a V2a product: `xs` as for V2 (the ISA's layout) with the kept columns zeroed, plus the
+// sums of x over every group's columns (kept columns excluded), for the offsets.
+struct V2aActivations {
+  const float* xs;
+  int64_t xs_stride;
+  const float* xsum;  // [m, xsum_stride] xsum[i * xsum_stride + g]
+  int64_t xsum_stride;
+  const float* x;     // [m, ldx] natural layout
+  int64_t ldx;
+  int m;              // 1..kMaxM
+};
+
+using V2aGemvRowsFn = void (*)(const V2aMatrix& w, const V2aActivations& act, float* y, int64_t ldy, int64_t r0,
+                               int64_t r1);
+using V2aDecodeRowsFn = void (*)(const V2aMatrix& w, float* out, int64_t ldo, int64_t r0, int64_t r1);
+
 struct IsaKernels {
   int lanes;         // L of the x layout
   int phases[9];     // P of the x layout, by bits
   GemvRowsFn gemv;
   DecodeRowsFn decode;
+  V2aGemvRowsFn v2a_gemv;      // needs group % (lanes * phases[bits]) == 0 (api.cpp falls back to scalar)
+  V2aDecodeRowsFn v2a_decode;  // needs group % lanes == 0
 };
 
 IsaKernels scalar_kernels();
@@ -79,6 +122,67 @@ inline float half_to_float(uint16_t h) {
   float f;
   __builtin_memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// float32 -> float16 bit pattern, rounded to nearest, ties to even, subnormals kept (F. Giesen's
+// float_to_half_fast3_rtne; exact for every input, relies on the default rounding mode).
+inline uint16_t float_to_half(float value) {
+  uint32_t f;
+  __builtin_memcpy(&f, &value, sizeof f);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  uint32_t h;
+  if (f >= (127u + 16u) << 23) {  // overflow to infinity, or NaN
+    h = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (f < 113u << 23) {  // float16 subnormal or zero: align the mantissa by adding 0.5
+    const uint32_t magic_bits = 126u << 23;
+    float magic, a;
+    __builtin_memcpy(&magic, &magic_bits, sizeof magic);
+    __builtin_memcpy(&a, &f, sizeof a);
+    a += magic;
+    uint32_t abits;
+    __builtin_memcpy(&abits, &a, sizeof abits);
+    h = abits - magic_bits;
+  } else {
+    const uint32_t odd = (f >> 13) & 1u;
+    f += (uint32_t(15 - 127) << 23) + 0xfffu + odd;
+    h = f >> 13;
+  }
+  return uint16_t(h | (sign >> 16));
+}
+
+// The part of a V2a row's product that every ISA shares: offsets times group sums, outlier corrections,
+// kept columns. out[i] += ... for i < NM.
+template <int NM>
+inline void v2a_finish_row(const V2aMatrix& w, const V2aActivations& a, int64_t r, float* out) {
+  const uint8_t* off = w.offset + r * w.groups;
+  for (int i = 0; i < NM; ++i) {  // four independent sums: no chain of one FMA latency per group
+    const float* xsum = a.xsum + i * a.xsum_stride;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int32_t g = 0;
+    for (; g + 4 <= w.groups; g += 4)
+      for (int k = 0; k < 4; ++k) acc[k] += w.offset_table[off[g + k]] * xsum[g + k];
+    for (; g < w.groups; ++g) acc[0] += w.offset_table[off[g]] * xsum[g];
+    out[i] += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+  for (int32_t o = w.ol_rowptr[r]; o < w.ol_rowptr[r + 1]; ++o) {
+    const float d = w.ol_delta[o];
+    const int32_t c = w.ol_col[o];
+    for (int i = 0; i < NM; ++i) out[i] += d * a.x[i * a.ldx + c];
+  }
+  const float* kw = w.kept_w + r * int64_t(w.kept);
+  for (int32_t j = 0; j < w.kept; ++j) {
+    const float k = kw[j];
+    const int32_t c = w.kept_cols[j];
+    for (int i = 0; i < NM; ++i) out[i] += k * a.x[i * a.ldx + c];
+  }
+}
+
+// Writes a decoded row's outliers, then its kept columns (the format's order: the kept column wins).
+inline void v2a_overwrite_row(const V2aMatrix& w, int64_t r, float* o) {
+  for (int32_t k = w.ol_rowptr[r]; k < w.ol_rowptr[r + 1]; ++k) o[w.ol_col[k]] = w.ol_val[k];
+  const float* kw = w.kept_w + r * int64_t(w.kept);
+  for (int32_t j = 0; j < w.kept; ++j) o[w.kept_cols[j]] = kw[j];
 }
 
 }  // namespace xfp
