@@ -241,6 +241,26 @@ def section(alias: str, result: dict) -> str:
             f"### Ablation\n\n{ablation_table(rows)}\n")
 
 
+MOE_COMMAND = ("python benchmarks/moe_compare.py --max-windows 4 --no-garbage --methods xfp-moe,rtn4-g128,rtn3-g128 "
+               "--out out/results/moe")
+"""The MoE rows (issue: mixture of experts) come from this command; the page includes them when present."""
+
+
+def moe_section() -> str:
+    """The upcycled test MoE's compare (docs/MOE.md says how it is built), when MOE_COMMAND has been run."""
+    from xfp.evaluate import compare
+
+    path = ROOT / "out" / "results" / "moe" / "compare.json"
+    if not path.exists():
+        return ""
+    result = json.loads(path.read_text())
+    return (f"## Mixture of experts: SmolLM2-135M upcycled to Qwen2-MoE (4 routed experts, top-2, + shared)\n\n"
+            f"{compare.describe(result)}. Rows from `{MOE_COMMAND}` ({result['date']}); `xfp-moe` is "
+            f"`xfp quantize` with no options: strict floor 0.99 for attention and the shared experts, lazy floor "
+            f"0.97 for the routed experts. How the model is built and the per-class bits: "
+            f"[MOE.md](MOE.md).\n\n{compare.format_table(result)}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: smollm2, gemma-270m")
@@ -256,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     for alias in [m.strip() for m in args.models.split(",") if m.strip()]:
         results[alias] = run_one(alias, args)
         sections.append(section(alias, results[alias]))
+    if moe_section():
+        sections.append(moe_section())
     any_result = next(iter(results.values()))
     command = "python benchmarks/results.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
                                                 if (argv if argv is not None else sys.argv[1:]) else "")
