@@ -109,22 +109,14 @@ def _load() -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.xfp_isa_supported.argtypes = [ctypes.c_int]
     lib.xfp_isa_supported.restype = ctypes.c_int
-    lib.xfp_v2_matrix_size.argtypes = []
-    lib.xfp_v2_matrix_size.restype = i64
-    if lib.xfp_v2_matrix_size() != ctypes.sizeof(_V2Matrix):
-        raise RuntimeError(f"{library_path()} does not match this package's V2Matrix layout")
-    lib.xfp_v2_gemv.argtypes = [ctypes.c_int, p, p, i64, i64, p, i64]
-    lib.xfp_v2_gemv.restype = ctypes.c_int
-    lib.xfp_v2_decode.argtypes = [ctypes.c_int, p, i64, i64, p, i64]
-    lib.xfp_v2_decode.restype = ctypes.c_int
-    lib.xfp_v2a_matrix_size.argtypes = []
-    lib.xfp_v2a_matrix_size.restype = i64
-    if lib.xfp_v2a_matrix_size() != ctypes.sizeof(_V2aMatrix):
-        raise RuntimeError(f"{library_path()} does not match this package's V2aMatrix layout")
-    lib.xfp_v2a_gemv.argtypes = [ctypes.c_int, p, p, i64, i64, p, i64]
-    lib.xfp_v2a_gemv.restype = ctypes.c_int
-    lib.xfp_v2a_decode.argtypes = [ctypes.c_int, p, i64, i64, p, i64]
-    lib.xfp_v2a_decode.restype = ctypes.c_int
+    for mode, struct in (("v2", _V2Matrix), ("v2a", _V2aMatrix)):  # the same three entry points per mode
+        size = getattr(lib, f"xfp_{mode}_matrix_size")
+        size.argtypes, size.restype = [], i64
+        if size() != ctypes.sizeof(struct):
+            raise RuntimeError(f"{library_path()} does not match this package's {struct.__name__[1:]} layout")
+        gemv, decode = getattr(lib, f"xfp_{mode}_gemv"), getattr(lib, f"xfp_{mode}_decode")
+        gemv.argtypes, gemv.restype = [ctypes.c_int, p, p, i64, i64, p, i64], ctypes.c_int
+        decode.argtypes, decode.restype = [ctypes.c_int, p, i64, i64, p, i64], ctypes.c_int
     return lib
 
 

@@ -52,6 +52,16 @@ bool valid_bits(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits =
 
 int64_t grain_rows(int32_t cols) { return std::max<int64_t>(1, kMinWeightsPerTask / std::max<int32_t>(cols, 1)); }
 
+// One activation row in the kernels' phase order: within each block of P * lanes columns, column b + kk * P + s
+// goes to slot b + s * lanes + kk (columns past `cols` stay as they are, zero).
+void interleave(const float* src, float* dst, int64_t cols, int64_t stride, int64_t P, int64_t lanes) {
+  const int64_t block = P * lanes;
+  for (int64_t b = 0; b < stride; b += block)
+    for (int64_t kk = 0; kk < lanes; ++kk)
+      for (int64_t s = 0; s < P; ++s)
+        if (b + kk * P + s < cols) dst[b + s * lanes + kk] = src[b + kk * P + s];
+}
+
 }  // namespace
 }  // namespace xfp
 
@@ -80,12 +90,7 @@ int xfp_v2_gemv(int isa, const xfp::V2Matrix* w, const float* x, int64_t m, int6
   const int64_t stride = (cols + block - 1) / block * block;
   std::vector<float> xs(size_t(m * stride), 0.f);
   for (int64_t i = 0; i < m; ++i) {
-    const float* src = x + i * ldx;
-    float* dst = xs.data() + i * stride;
-    for (int64_t b = 0; b < stride; b += block)
-      for (int64_t kk = 0; kk < lanes; ++kk)
-        for (int64_t s = 0; s < P; ++s)
-          if (b + kk * P + s < cols) dst[b + s * lanes + kk] = src[b + kk * P + s];
+    xfp::interleave(x + i * ldx, xs.data() + i * stride, cols, stride, P, lanes);
   }
   // Activation rows per pass over the codes: as many as keep their x in L1 (re-read for every matrix row).
   const int64_t per_pass = std::clamp<int64_t>(xfp::kL1Bytes / (stride * int64_t(sizeof(float))), 1, xfp::kMaxM);
@@ -147,11 +152,7 @@ int xfp_v2a_gemv(int isa, const xfp::V2aMatrix* w, const float* x, int64_t m, in
       for (int64_t c = g * G; c < std::min(cols, (g + 1) * G); ++c) sum += xi[c];
       xsum[size_t(i * groups + g)] = float(sum);
     }
-    float* dst = xs.data() + i * stride;
-    for (int64_t b = 0; b < stride; b += block)
-      for (int64_t kk = 0; kk < lanes; ++kk)
-        for (int64_t s = 0; s < P; ++s)
-          if (b + kk * P + s < cols) dst[b + s * lanes + kk] = xi[b + kk * P + s];
+    xfp::interleave(xi, xs.data() + i * stride, cols, stride, P, lanes);
   }
   const int64_t per_pass = std::clamp<int64_t>(xfp::kL1Bytes / (stride * int64_t(sizeof(float))), 1, xfp::kMaxM);
   at::parallel_for(0, w->rows, xfp::grain_rows(w->cols), [&](int64_t r0, int64_t r1) {
