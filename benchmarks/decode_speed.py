@@ -8,6 +8,9 @@ the source is the float32 Hugging Face folder the package fetches. All variants 
 
 - XFP (`cpu` kernel), XFP with `XFP_KERNEL=reference` (decode every matrix every step: the baseline the
   kernel replaces), source float32, source bfloat16;
+- XFP+emb: the folder quantized with `--quantize-embeddings` as well (a second cached folder): the token
+  embedding is stored like any matrix, and a tied lm_head multiplies with it through the fused kernel, so
+  the step no longer reads a dense float32 lm_head (the largest matrix of a small model);
 - optional, never in CI: llama.cpp through llama-cpp-python on the model's own GGUF, if it imports.
 
 Decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1), so the prompt's prefill is
@@ -48,8 +51,9 @@ def model_paths(name: str) -> tuple[str, Path, Path]:
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
-def xfp_folder(gguf: Path) -> Path:
-    """The XFP folder of `gguf` under the default config, quantized now if it is not cached yet."""
+def xfp_folder(gguf: Path, embeddings: bool = False) -> Path:
+    """The XFP folder of `gguf` under the default config (embeddings: with `--quantize-embeddings`), quantized
+    now if it is not cached yet."""
     from xfp.config import QuantConfig
     from xfp.format.spec import FORMAT_VERSION
     from xfp.pipeline import quantize_model
@@ -57,10 +61,13 @@ def xfp_folder(gguf: Path) -> Path:
     from xfp.sources import cache_dir
 
     # the default mode and the format version name the folder: a folder made under another default is not reused
-    out = cache_dir() / "bench" / f"{gguf.stem}-xfp-{QuantConfig().mode}-v{FORMAT_VERSION}"
+    groups = "-".join(map(str, QuantConfig().group_size))
+    out = cache_dir() / "bench" / (f"{gguf.stem}-xfp-{QuantConfig().mode}-g{groups}-v{FORMAT_VERSION}"
+                                   + ("-emb" if embeddings else ""))
     if not out_is_complete(out):
         print(f"quantizing {gguf.name} into {out} (once)", flush=True)
-        quantize_model(gguf, out, QuantConfig(), resume=out.exists(), force=False, progress=False)
+        quantize_model(gguf, out, QuantConfig(), resume=out.exists(), force=False, progress=False,
+                       quantize_embeddings=embeddings)
     return out
 
 
@@ -81,13 +88,14 @@ def kernel(name: str | None):
 
 
 def weight_bytes_per_step(model: nn.Module) -> int:
-    """Bytes of weights one decode step multiplies with: XFP matrices as stored + dense Linear weights."""
+    """Bytes of weights one decode step multiplies with: XFP matrices as stored (a tied lm_head: its embedding's)
+    + dense Linear weights."""
     from xfp.runtime import XFPLinear
 
     total = 0
     for module in model.modules():
         if isinstance(module, XFPLinear):
-            total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+            total += sum(b.numel() * b.element_size() for b in module.stored.values())
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total
@@ -204,12 +212,14 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
     label, gguf, hf = model_paths(name)
     folder = xfp_folder(gguf)
     xfp_model, tokenizer = load_model(folder)
+    xfp_emb, _ = load_model(xfp_folder(gguf, embeddings=True))
     src32, _ = load_model(hf)
     src16, _ = load_model(hf)
     src16 = src16.to(torch.bfloat16)
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     agree = sum(a == b for a, b in zip(first_tokens(xfp_model, ids, 32), first_tokens(src32, ids, 32)))
-    mb = {"xfp": weight_bytes_per_step(xfp_model), "fp32": weight_bytes_per_step(src32),
+    mb = {"xfp": weight_bytes_per_step(xfp_model), "xfp_emb": weight_bytes_per_step(xfp_emb),
+          "fp32": weight_bytes_per_step(src32),
           "bf16": weight_bytes_per_step(src16)}
     rows = []
     for t in threads:
@@ -223,7 +233,11 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
             with kernel("reference"):
                 return generate_seconds(xfp_model, ids, k)
 
-        runners = {"xfp": xfp_run, "fp32": lambda k: generate_seconds(src32, ids, k),
+        def xfp_emb_run(k: int) -> float:
+            with kernel(None):
+                return generate_seconds(xfp_emb, ids, k)
+
+        runners = {"xfp": xfp_run, "xfp_emb": xfp_emb_run, "fp32": lambda k: generate_seconds(src32, ids, k),
                    "bf16": lambda k: generate_seconds(src16, ids, k)}
         llama = llama_cpp_runner(gguf, t, n_ctx=ids.shape[1] + n + 8)
         if llama is not None:
@@ -231,7 +245,8 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
         tps = measure(runners, n, reps)
         if with_reference:  # ~1 tok/s: a few tokens, once, are enough to place it
             tps["xfp_reference"] = measure({"xfp_reference": xfp_ref}, REFERENCE_TOKENS, 1)["xfp_reference"]
-        parts = {k: step_breakdown(m) for k, m in (("xfp", xfp_model), ("fp32", src32), ("bf16", src16))}
+        parts = {k: step_breakdown(m) for k, m in (("xfp", xfp_model), ("xfp_emb", xfp_emb), ("fp32", src32),
+                                                   ("bf16", src16))}
         row = {"model": label, "threads": t, "tokens": n, "agree": agree, "gguf": gguf.name, "mb": mb,
                "isa": cpu.isa(), "parts": parts, **tps}
         rows.append(row)
@@ -240,7 +255,8 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
             print(f"  {k} step {step:.1f} ms = {p['n_matrices']} matrices {p['matrices_ms']:.1f} ms + lm_head "
                   f"{p['lm_head_ms']:.1f} ms + rest {step - p['matrices_ms'] - p['lm_head_ms']:.1f} ms", flush=True)
         print(f"decode {label} {t}t: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in tps.items()) +
-              f"; xfp/fp32 {tps['xfp'] / tps['fp32']:.2f}x, xfp/bf16 {tps['xfp'] / tps['bf16']:.2f}x; "
+              f"; xfp/fp32 {tps['xfp'] / tps['fp32']:.2f}x, xfp/bf16 {tps['xfp'] / tps['bf16']:.2f}x, "
+              f"xfp_emb/fp32 {tps['xfp_emb'] / tps['fp32']:.2f}x; "
               f"weights/step MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in mb.items()) +
               f"; first 32 greedy tokens equal to fp32: {agree}/32", flush=True)
     return rows
@@ -254,21 +270,25 @@ def markdown(rows: list[dict]) -> str:
              "the repetitions, interleaved). "
              "XFP = the default `QuantConfig()` folder of the model's GGUF, float32 activations. "
              "'weights MB/step' = bytes of weights each step multiplies with (XFP matrices as stored; the tied "
-             "lm_head stays dense float32 in the XFP model because embeddings are not quantized by default).", "",
-             "| model | threads | XFP tok/s | fp32 tok/s | bf16 tok/s | XFP vs fp32 | XFP vs bf16 | "
+             "lm_head stays dense float32 in the default XFP folder, whose embeddings are not quantized).", "",
+             "XFP+emb = the same with `--quantize-embeddings`: the tied lm_head multiplies with the stored "
+             "embedding through the fused kernel.", "",
+             "| model | threads | XFP tok/s | XFP+emb tok/s | fp32 tok/s | bf16 tok/s | XFP vs fp32 | XFP+emb vs fp32 | "
+             "XFP vs bf16 | "
              + ("XFP reference-kernel tok/s | " if has_ref else "")
              + ("llama.cpp tok/s | " if has_llama else "")
-             + "weights MB/step XFP / fp32 / bf16 | greedy tokens = fp32 (of 32) |",
-             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_ref else "") + ("---:|" if has_llama else "")
+             + "weights MB/step XFP / XFP+emb / fp32 / bf16 | greedy tokens = fp32 (of 32) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_ref else "") + ("---:|" if has_llama else "")
              + "---|---:|"]
     for r in rows:
-        cells = [r["model"], str(r["threads"]), f"{r['xfp']:.1f}", f"{r['fp32']:.1f}", f"{r['bf16']:.1f}",
-                 f"**{r['xfp'] / r['fp32']:.2f}x**", f"{r['xfp'] / r['bf16']:.2f}x"]
+        cells = [r["model"], str(r["threads"]), f"{r['xfp']:.1f}", f"{r['xfp_emb']:.1f}", f"{r['fp32']:.1f}",
+                 f"{r['bf16']:.1f}", f"**{r['xfp'] / r['fp32']:.2f}x**", f"**{r['xfp_emb'] / r['fp32']:.2f}x**",
+                 f"{r['xfp'] / r['bf16']:.2f}x"]
         if has_ref:
             cells.append(f"{r['xfp_reference']:.2f}" if "xfp_reference" in r else "-")
         if has_llama:
             cells.append(f"{r['llama_cpp']:.1f} ({r['gguf']})" if "llama_cpp" in r else "-")
-        cells += [" / ".join(f"{r['mb'][k] / 1e6:.0f}" for k in ("xfp", "fp32", "bf16")), str(r["agree"])]
+        cells += [" / ".join(f"{r['mb'][k] / 1e6:.0f}" for k in ("xfp", "xfp_emb", "fp32", "bf16")), str(r["agree"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Where a decode step's time goes (ms; matrices and lm_head measured apart from the model, on "
               "[1, 1, in] inputs; rest = step - both: attention, norms, embedding, `generate`):", "",

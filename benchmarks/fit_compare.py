@@ -5,7 +5,8 @@ the stepwise plan is searched first; the allocation is then searched with the st
 its budget, so it never has more bytes. Both plans are written through the normal pipeline and loaded
 through transformers; KL(source || model) is taken on the first --windows 512-token windows of the
 offline Canterbury text (the generation check too with --garbage; `xfp fit` always runs it).
-The table (`xfp.fit.table`) is measured once and cached; nothing is refitted per budget.
+The table (`xfp.fit.table`) is measured once and cached; nothing is refitted per budget. The journal is
+resumable: a point already measured for the same plan (same bytes) is not measured again.
 
 Writes out/fit-bench/fit_compare.json and docs/results/fit-smollm2.png (KL against size, both methods).
 
@@ -53,7 +54,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "fit_compare.json"
     rows = json.loads(journal.read_text()) if journal.exists() else []
-    done = {(r["embeddings"], r["fraction"], r["method"]) for r in rows}
     if args.plot_only:
         return plot(rows, Path(args.plot), args.fits)
     up, low = Floors(0.99, 0.97), DEFAULT_MIN_FLOORS
@@ -68,8 +68,11 @@ def main() -> None:
                 continue
             alloc = search.allocate(table, step.total_bytes, up, low)
             for method, plan in (("stepwise", step), ("allocate", alloc)):
-                if (emb, frac, method) in done:
-                    continue
+                key = (emb, frac, method)
+                old = [r for r in rows if (r["embeddings"], r["fraction"], r["method"]) == key]
+                if any(r["plan"]["total_bytes"] == plan.total_bytes for r in old):
+                    continue  # measured already, for this very plan
+                rows = [r for r in rows if (r["embeddings"], r["fraction"], r["method"]) != key]  # stale table
                 began = time.perf_counter()
                 r = measure_point(src, table, plan, out / "model", args.windows, args.garbage)
                 r.update(embeddings=emb, fraction=frac, method=method, budget_bytes=budget, fp16_bytes=table.fp16_bytes,

@@ -294,7 +294,7 @@ NOTES = """## How the kernel works, and why this route
   group's scale (`scale_table[code]`), and `sum_g offset_table[code_g] * xsum_g` adds the offsets. So a
   weight enters as its exact `e*s + o` (the format's W_hat rounds it to float16; the bound below covers
   that). Outliers add `(value - (e*s + o)) * x[col]`, kept columns `kept[r, j] * x[col_j]` (prepared once per
-  matrix, float32). G must be a multiple of the ISA's chunk (16..64 columns; the writer's 64 and 128 are);
+  matrix, float32). G must be a multiple of the ISA's chunk (16..64 columns; the writer's 64, 128 and 256 are);
   other group sizes take the portable kernel.
 - **Prefill (batch > 8)**: blocks of rows are decoded exactly into a float32 tile (1 MiB, in L2, for
   small batches; 8 MiB for >= 64 rows, where BLAS efficiency matters more than the decode) and multiplied

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
 import torch
 
 from xfp.moe.experts import FUSED
@@ -30,7 +32,8 @@ def _hot(ctx, ratio: float):
     key = f"moe_hot:{ratio}"
     if key not in ctx.cache:
         names, load = hot_inputs(ctx.source, plan_units(ctx.source, _decide(ctx.source, False)))
-        ctx.cache[key] = hot_columns.find(names, load, ratio)
+        ctx.cache[key] = hot_columns.find(names, load, ratio, tensor_names=ctx.source.tensor_names(),
+                                          config=ctx.config)
     return ctx.cache[key]
 
 
@@ -82,6 +85,10 @@ def main() -> None:
     src = build_cached(spec)
     result = compare.run_compare(src, methods.parse_methods(args.methods), max_windows=args.max_windows,
                                  garbage=not args.no_garbage, out=args.out, resume=args.resume)
+    from xfp.config import QuantConfig
+
+    result["group_size"] = list(QuantConfig().group_size)  # benchmarks/results.py names the default it ran with
+    compare.write_outputs(result, Path(args.out))
     print(compare.describe(result))
     print(compare.format_table(result))
 

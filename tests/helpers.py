@@ -34,3 +34,23 @@ def linear_at_threads(packed, state, x, rows: tuple[int, ...]) -> dict[int, list
     finally:
         torch.set_num_threads(before)
     return results
+
+
+def fake_quantized(src: Path, matrices, cls=None):
+    """The source model (a transformers class, LlamaForCausalLM by default) with each stored matrix's parameter
+    set to its exact reference decode, float32 (a tied parameter is one tensor: setting the embedding sets the
+    lm_head too)."""
+    from transformers import LlamaForCausalLM
+
+    from xfp.format.reference import decode
+
+    model = (cls or LlamaForCausalLM).from_pretrained(src)
+    with torch.no_grad():
+        for name, packed in matrices.items():
+            model.get_parameter(name).copy_(decode(packed).float())
+    return model.eval()
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits

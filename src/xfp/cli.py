@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mode", default="v2a", choices=["v2", "v2a"],
                    help="v2a (default): groups with coded scale/offset + a library of codebooks + kept hot columns; "
                         "v2: one codebook per output channel (the published recipe)")
-    q.add_argument("--group-size", type=_ints, default=(64, 128), help="v2a: candidate group sizes, e.g. 64,128")
+    q.add_argument("--group-size", type=_ints, default=(64, 128, 256),
+                   help="v2a: candidate group sizes (default 64,128,256)")
     q.add_argument("--library-size", type=int, default=1, help="v2a: codebooks in each matrix's library (L)")
     q.add_argument("--keep-columns", type=float, default=5.0,
                    help="v2a: ratio that marks hot input columns, kept apart in int8 (0: none; default 5)")
@@ -135,7 +136,8 @@ def _add_fit_parser(sub) -> None:
     f.add_argument("--max-ram", type=_size, help="peak memory allowed while quantizing and loading, e.g. 4GiB")
     f.add_argument("--max-kl", type=float, default=0.5, help="KL(source || model) bound, nats/token (default 0.5)")
     f.add_argument("--windows", type=int, default=4, help="512-token windows of the offline text for KL (default 4)")
-    f.add_argument("--retries", type=int, default=3, help="larger budgets tried when the fitted point fails")
+    f.add_argument("--retries", type=int, default=6,
+                   help="sizes written and checked after the first when it fails: step up, then bisect (default 6)")
     f.add_argument("--no-check", action="store_true", help="skip the KL and generation checks")
     f.add_argument("--table-cache", help="folder of the cached measurement tables (default $XFP_CACHE/fit-tables)")
     f.add_argument("--force", action="store_true", help="overwrite OUT")

@@ -91,7 +91,7 @@ class QuantConfig:
     escalation_bits: tuple[int, ...] = (5, 6, 8)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     lloyd_iterations: int = 16
-    group_size: tuple[int, ...] = (64, 128)
+    group_size: tuple[int, ...] = (64, 128, 256)
     library_size: int = 1
     keep_columns: float = 5.0
     expert_select: ExpertSelect = "expert"

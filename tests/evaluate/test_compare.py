@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from xfp.cli import main
+from xfp.errors import XFPError
 from xfp.evaluate import compare, methods, models
 from xfp.evaluate.generation import PROMPTS, load_model
 
@@ -158,3 +159,30 @@ def test_an_interrupted_compare_resumes_where_it_stopped(tiny_lm, text_file, tmp
     calls.clear()
     compare.run_compare(tiny_lm, specs[:1], out=out, resume=True, **kwargs)
     assert len(calls) == 4
+
+
+def test_a_rerun_replaces_its_rows_and_keeps_the_others(result, tiny_lm, text_file):
+    fresh = compare.run_compare(tiny_lm, [methods.get("xfp-0.95"), methods.get("nf3-g64")], text=text_file, ctx=48,
+                                max_windows=4, prompts=PROMPTS[:2], progress=False)
+    merged = compare.merge_rerun(result, fresh)
+    names = [r["method"] for r in merged["rows"]]
+    assert names == [r["method"] for r in result["rows"]] + ["xfp-0.95"]  # old order, the new method last
+    by = {r["method"]: r for r in merged["rows"]}
+    old = {r["method"]: r for r in result["rows"]}
+    new = {r["method"]: r for r in fresh["rows"]}
+    assert by["nf3-g64"] is new["nf3-g64"] and by["rtn4-g64"] is old["rtn4-g64"] and by["source"] is old["source"]
+    assert merged["garbage"]["xfp-0.95"] == fresh["garbage"]["xfp-0.95"]
+    assert merged["reruns"][-1]["methods"] == ["xfp-0.95", "nf3-g64"] and "reruns" not in result
+    pruned = compare.merge_rerun(result, fresh, drop=("identity",))
+    assert "identity" not in {r["method"] for r in pruned["rows"]} | set(pruned["garbage"])
+    assert pruned["reruns"][-1]["dropped"] == ["identity"] and len(pruned["rows"]) == len(merged["rows"]) - 1
+    with pytest.raises(XFPError, match="cannot also be dropped"):
+        compare.merge_rerun(result, fresh, drop=("nf3-g64",))
+    other = compare.run_compare(tiny_lm, [methods.get("nf3-g64")], text=text_file, ctx=48, max_windows=3,
+                                prompts=PROMPTS[:2], progress=False)
+    with pytest.raises(XFPError, match="windows"):
+        compare.merge_rerun(result, other)
+    shifted = {**fresh, "rows": [{**r, "ppl": r["ppl"] * 1.01} if r["method"] == "source" else r
+                                 for r in fresh["rows"]]}
+    with pytest.raises(XFPError, match="source ppl"):
+        compare.merge_rerun(result, shifted)

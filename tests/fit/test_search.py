@@ -49,7 +49,7 @@ def test_allocate_respects_the_minimum_floor(make_table):
     assert plan.choice == [1, 1]
     assert plan.floors.strict == 0.95
     assert search.minimum_bytes(t, UP, Floors(0.92, 0.92)) == t.fixed_bytes + 40
-    with pytest.raises(BudgetError, match="smallest size that passes"):
+    with pytest.raises(BudgetError, match="smallest plan"):
         search.search(t, t.fixed_bytes + 39, UP, Floors(0.92, 0.92))
 
 

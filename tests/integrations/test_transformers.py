@@ -21,22 +21,19 @@ from xfp.format.reference import decode
 from xfp.format.spec import FILE_METADATA_KEY, tensor_name
 from xfp.integrations.transformers import XFPConfig, XFPHfQuantizer, cache_key, register
 from xfp.runtime import XFPLinear
+from helpers import fake_quantized
+from helpers import logits as model_logits
 
 IDS = torch.tensor([[1, 17, 42, 99, 5, 64, 3, 120, 77]])
 
 
 def reference_model(src: Path, matrices) -> LlamaForCausalLM:
     """The source model with each quantized weight replaced by its exact decode, as fp32."""
-    model = LlamaForCausalLM.from_pretrained(src)
-    with torch.no_grad():
-        for name, packed in matrices.items():
-            model.get_parameter(name).copy_(decode(packed).float())
-    return model.eval()
+    return fake_quantized(src, matrices)
 
 
-@torch.no_grad()
 def logits(model, ids=IDS) -> torch.Tensor:
-    return model(ids).logits
+    return model_logits(model, ids)
 
 
 # -- registration and config ----------------------------------------------------------------------
@@ -218,20 +215,21 @@ def test_corrupted_folder_raises_one_line_format_error(case, tiny_xfp, tmp_path)
     assert str(folder) in message and tensor in message and words in message, message
 
 
-def test_quantized_embedding_is_refused_by_name(tiny_xfp, tmp_path):
+def test_quantized_norm_is_refused_by_name(tiny_xfp, tmp_path):
     def add(c):
-        c["quantization_config"]["matrices"]["model.embed_tokens.weight"] = {"bits": 4, "outliers": 0}
-    folder = copy_and_corrupt(tiny_xfp.path, tmp_path / "emb", config=add)
-    with pytest.raises(XFPError, match="model.embed_tokens.*Embedding.*nn.Linear layers only"):
+        c["quantization_config"]["matrices"]["model.norm.weight"] = {"bits": 4, "outliers": 0}
+    folder = copy_and_corrupt(tiny_xfp.path, tmp_path / "norm", config=add)
+    with pytest.raises(XFPError, match="model.norm.*LlamaRMSNorm.*nn.Linear and torch.nn.Embedding layers only"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
-def test_quantized_tied_weight_is_refused(tiny_xfp, tmp_path):
-    def tie(c):
-        c["tie_word_embeddings"] = True
-        c["quantization_config"]["matrices"]["lm_head.weight"] = {"bits": 4, "outliers": 0}
-    folder = copy_and_corrupt(tiny_xfp.path, tmp_path / "tied", config=tie)
-    with pytest.raises(XFPError, match="ties it to"):
+def test_quantized_embedding_without_its_tensors_is_a_format_error(tiny_xfp, tmp_path):
+    # embeddings and tied lm_heads load (tests/integrations/test_transformers_embeddings.py); a config entry
+    # with no stored tensors is a broken folder
+    def add(c):
+        c["quantization_config"]["matrices"]["model.embed_tokens.weight"] = {"bits": 4, "outliers": 0}
+    folder = copy_and_corrupt(tiny_xfp.path, tmp_path / "emb", config=add)
+    with pytest.raises(FormatError, match="model.embed_tokens.xfp_.*missing from the checkpoint"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 

@@ -132,3 +132,90 @@ def test_typical_absmax_is_the_median_group_peak():
     w[0, :64], w[0, 64:128], w[0, 128:] = 1.0, 2.0, 3.0
     w[1, :64], w[1, 64:128], w[1, 128:] = -4.0, 5.0, 6.0
     assert hot_columns.typical_absmax(w) == 3.0  # median of (1, 2, 3, 4, 5, 6), the lower middle
+
+
+# -- sandwich norms (Gemma 2/3): readers keep the columns of the estimated input energy ---------------------
+
+SW_HIDDEN, SW_INTER, SW_VOCAB = 128, 256, 64
+SW_EMBED_DIM = 5  # the scaled embedding puts its energy in this dimension
+SW_POST_DIM = 9  # layer 0's post-attention norm writes this dimension loudly
+
+
+def sandwich_model() -> dict[str, torch.Tensor]:
+    """A 2-layer sandwich-norm model in the HF Gemma convention (norm weights w, gain 1 + w), Gaussian weights
+    (std 0.02) with one extreme down_proj column and one extreme o_proj column planted."""
+    g = torch.Generator().manual_seed(1)
+    m = {"model.embed_tokens.weight": torch.randn(SW_VOCAB, SW_HIDDEN, generator=g) * 0.01}
+    m["model.embed_tokens.weight"][:, SW_EMBED_DIM] = 1.0
+    shapes = {"self_attn.q_proj": (SW_HIDDEN, SW_HIDDEN), "self_attn.k_proj": (SW_HIDDEN // 2, SW_HIDDEN),
+              "self_attn.v_proj": (SW_HIDDEN // 2, SW_HIDDEN), "self_attn.o_proj": (SW_HIDDEN, SW_HIDDEN),
+              "mlp.gate_proj": (SW_INTER, SW_HIDDEN), "mlp.up_proj": (SW_INTER, SW_HIDDEN),
+              "mlp.down_proj": (SW_HIDDEN, SW_INTER)}
+    for i in range(2):
+        for module, shape in shapes.items():
+            m[f"model.layers.{i}.{module}.weight"] = torch.randn(*shape, generator=g) * 0.02
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            m[f"model.layers.{i}.{norm}.weight"] = torch.zeros(SW_HIDDEN)
+    m["model.layers.0.post_attention_layernorm.weight"][SW_POST_DIM] = 30.0  # gain 31
+    m["model.layers.1.mlp.down_proj.weight"][3, 77] = BIG
+    m["model.layers.1.self_attn.o_proj.weight"][4, 21] = BIG
+    return m
+
+
+GEMMA = {"model_type": "gemma3_text"}
+
+
+def sandwich_find(m, config=GEMMA):
+    names = [n for n in m if m[n].dim() == 2 and "embed" not in n]
+    return find(names, m.__getitem__, RATIO, tensor_names=list(m), config=config)
+
+
+def test_sandwich_energy_by_hand():
+    m = sandwich_model()
+    energy = hot_columns.sandwich_input_energy(list(m), m.__getitem__, GEMMA)
+    assert sorted(energy) == [f"model.layers.{i}.{n}" for i in range(2)
+                              for n in ("input_layernorm", "pre_feedforward_layernorm")]
+    emb = m["model.embed_tokens.weight"].double()
+    stream = emb.square().mean(0) * SW_HIDDEN  # Gemma scales the embedding by sqrt(hidden)
+    torch.testing.assert_close(energy["model.layers.0.input_layernorm"], stream / stream.mean(), rtol=1e-12, atol=0)
+    stream = stream + 1.0
+    stream[SW_POST_DIM] += 31.0 ** 2 - 1.0
+    torch.testing.assert_close(energy["model.layers.0.pre_feedforward_layernorm"], stream / stream.mean(),
+                               rtol=1e-12, atol=0)
+    stream = stream + 1.0 + 1.0  # layer 0's post-feedforward gain, layer 1's post-attention gain
+    torch.testing.assert_close(energy["model.layers.1.pre_feedforward_layernorm"], stream / stream.mean(),
+                               rtol=1e-12, atol=0)
+
+
+def test_sandwich_readers_keep_the_loud_dims_writers_as_before():
+    m = sandwich_model()
+    hot = sandwich_find(m)
+    assert hot.to_dict()["sandwich_readers"]
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        picked = hot.columns(name, m[name])
+        assert picked.numel() == cap(SW_HIDDEN) and SW_EMBED_DIM in picked.tolist()
+        assert picked.tolist() == sorted(picked.tolist())
+    # layer 0's MLP and every later reader also see the post-norm's loud dimension
+    for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        assert SW_POST_DIM in hot.columns(name, m[name]).tolist()
+    assert SW_POST_DIM not in hot.columns("model.layers.0.self_attn.q_proj.weight",
+                                          m["model.layers.0.self_attn.q_proj.weight"]).tolist()
+    assert hot.columns("model.layers.1.mlp.down_proj.weight", m["model.layers.1.mlp.down_proj.weight"]).tolist() == [77]
+    assert hot.columns("model.layers.1.self_attn.o_proj.weight", m["model.layers.1.self_attn.o_proj.weight"]).numel() == 0
+
+
+def test_sandwich_rule_needs_the_norms_and_the_gain_convention():
+    m = sandwich_model()
+    del m["model.layers.1.pre_feedforward_layernorm.weight"]
+    assert hot_columns.sandwich_input_energy(list(m), m.__getitem__, GEMMA) == {}
+    assert "sandwich_readers" not in sandwich_find(m).to_dict()
+    full = sandwich_model()
+    # stored weights 0 mean gain 1 under Gemma's (1 + w), gain 0 elsewhere: no energy at all
+    plain = hot_columns.sandwich_input_energy(list(full), full.__getitem__, {"model_type": "llama"})
+    assert all(float(e.abs().max()) == 0.0 or e.isnan().all() for e in plain.values())
+
+
+def test_pre_norm_models_are_unchanged(model, hot):
+    again = find(list(model), model.__getitem__, RATIO, tensor_names=list(model), config={"model_type": "llama"})
+    assert again.to_dict() == hot.to_dict() and again.reader_energy == {}

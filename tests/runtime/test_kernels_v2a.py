@@ -23,11 +23,11 @@ from helpers import linear_at_threads
 
 U = 2.0**-24
 
-# (rows, cols, group): cols not a multiple of the group (a ragged last group), of 8 or 16; groups 64 and 128
-# (the writer's), 32 (still a whole number of AVX2 chunks but not of AVX-512's 2-bit ones) and 48, 5
+# (rows, cols, group): cols not a multiple of the group (a ragged last group), of 8 or 16; groups 64, 128 and
+# 256 (the writer's), 32 (still a whole number of AVX2 chunks but not of AVX-512's 2-bit ones) and 48, 5
 # (not a multiple of any SIMD chunk: the portable kernel serves them).
 SHAPES = [(1, 1, 64), (7, 13, 64), (33, 200, 64), (5, 1000, 128), (3, 4113, 128), (64, 128, 64), (9, 130, 32),
-          (6, 100, 48), (4, 23, 5)]
+          (6, 100, 48), (4, 23, 5), (3, 600, 256), (2, 1024, 256)]
 BATCHES = [1, 2, 5, cpu.FUSED_MAX_M + 3]  # fused chunks of 1..4 rows, then the tiled path
 
 

@@ -352,6 +352,32 @@ def plot_pareto(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+RERUN_SAME = ("source", "text", "ctx", "stride", "windows", "tokens", "bos", "quantized_tensors")
+"""What a rerun must share with the compare whose rows it replaces."""
+
+
+def merge_rerun(old: dict, fresh: dict, drop: tuple[str, ...] = (), ppl_rtol: float = 1e-4) -> dict:
+    """The compare `old` with the rows of `fresh` (a compare of some methods on the same windows) put in place
+    of its rows of the same methods, new methods appended, and the rows of `drop` (made stale by a change,
+    not rerun) removed; `reruns` lists each merge. XFPError when the two differ in what makes rows comparable
+    (`RERUN_SAME`, or the source's perplexity beyond `ppl_rtol`)."""
+    differ = [k for k in RERUN_SAME if fresh.get(k) != old.get(k)]
+    ppl_old, ppl_new = (next(r["ppl"] for r in res["rows"] if r["method"] == "source") for res in (old, fresh))
+    if differ or abs(ppl_new - ppl_old) > ppl_rtol * ppl_old:
+        raise XFPError(f"the rerun was not measured like the compare it would join "
+                       f"({', '.join(differ) or f'source ppl {ppl_new} != {ppl_old}'}); rerun the whole compare")
+    new_rows = {r["method"]: r for r in fresh["rows"] if r["method"] != "source"}
+    if set(drop) & set(new_rows):
+        raise XFPError(f"a rerun method cannot also be dropped: {', '.join(sorted(set(drop) & set(new_rows)))}")
+    dropped = [r["method"] for r in old["rows"] if r["method"] in drop]
+    rows = [new_rows.pop(r["method"], r) for r in old["rows"] if r["method"] not in drop] + list(new_rows.values())
+    garbage = {**{k: v for k, v in old["garbage"].items() if k not in drop},
+               **{k: v for k, v in fresh["garbage"].items() if k != "source"}}
+    note = {"methods": [r["method"] for r in fresh["rows"] if r["method"] != "source"], "dropped": dropped,
+            "date": fresh["date"], "seconds": fresh["seconds"], "versions": fresh["versions"]}
+    return {**old, "rows": rows, "garbage": garbage, "reruns": [*old.get("reruns", []), note]}
+
+
 def write_outputs(result: dict, out: Path) -> dict[str, Path]:
     """compare.json, compare.md (the table) and pareto.png into `out`."""
     out = Path(out)

@@ -157,18 +157,21 @@ def hqq(name: str, w: torch.Tensor, ctx: MethodContext, *, bits: int, group: int
     return baselines.hqq_matrix(w, bits, group), baselines.rtn_bytes(*w.shape, bits, group)
 
 
-def hot_columns(ctx: MethodContext, ratio: float):
-    """The model's `xfp.quantize.hot_columns.HotColumns` at `ratio`, found once per model."""
+def hot_columns(ctx: MethodContext, ratio: float, sandwich: bool = True):
+    """The model's `xfp.quantize.hot_columns.HotColumns` at `ratio`, found once per model; sandwich=False: without
+    the sandwich-norm rule (the residual vote everywhere, as before that rule existed), for its ablation."""
     from xfp.quantize import hot_columns as hot
 
-    key = f"hot_columns:{ratio}"
+    key = f"hot_columns:{ratio}:{sandwich}"
     if key not in ctx.cache:
         names = quantized_names(ctx.source, ctx.config)
-        ctx.cache[key] = hot.find(names, ctx.source.load, ratio)
+        ctx.cache[key] = hot.find(names, ctx.source.load, ratio,
+                                  tensor_names=ctx.source.tensor_names() if sandwich else (), config=ctx.config)
     return ctx.cache[key]
 
 
-def xfp(name: str, w: torch.Tensor, ctx: MethodContext, *, floor: float, **options) -> tuple[torch.Tensor, int]:
+def xfp(name: str, w: torch.Tensor, ctx: MethodContext, *, floor: float, sandwich: bool = True,
+        **options) -> tuple[torch.Tensor, int]:
     """XFP auto-select at `floor` for both classes, the default QuantConfig changed by `options`; W_hat is the
     in-memory reconstruction, which equals the decoded stored matrix bit for bit."""
     from xfp.config import QuantConfig
@@ -177,7 +180,7 @@ def xfp(name: str, w: torch.Tensor, ctx: MethodContext, *, floor: float, **optio
     config = QuantConfig(floor_strict=floor, floor_lazy=floor, **options)
     kept = None
     if config.mode == "v2a" and config.keep_columns > 0:
-        kept = hot_columns(ctx, config.keep_columns).columns(name, w)
+        kept = hot_columns(ctx, config.keep_columns, sandwich).columns(name, w)
     result = quantize_matrix(w, floor, config, name, kept)
     return result.reconstruction, result.layout.total_bytes
 
@@ -215,6 +218,10 @@ for _bits in (3, 4):
                  about=f"XFP v2a at {_bits} bits, group {_group}: layer codebook, coded scales, kept hot columns")
     register(f"xfp{_bits}-g128-nokeep", functools.partial(xfp_fixed, bits=_bits, group_size=(128,), keep_columns=0.0),
              family="ablation", default=False, about=f"as xfp{_bits}-g128 without kept hot columns")
+    register(f"xfp{_bits}-g128-resid",
+             functools.partial(xfp_fixed, bits=_bits, group_size=(128,), sandwich=False), family="ablation",
+             default=False, about=f"as xfp{_bits}-g128 with the residual-vote rule for every model's kept columns "
+                                  "(no sandwich-norm rule)")
     register(f"xfp{_bits}-g128-L32", functools.partial(xfp_fixed, bits=_bits, group_size=(128,), library_size=32),
              family="ablation", default=False, about=f"as xfp{_bits}-g128 with the published library of 32 codebooks")
     register(f"lloyd{_bits}-channel",

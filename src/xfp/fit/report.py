@@ -25,15 +25,24 @@ def markdown(report: dict) -> str:
              f"{r['lower']['strict']} / lazy {r['lower']['lazy']}; embeddings "
              f"{'quantized' if r['quantize_embeddings'] else 'kept'}.", "",
              f"Outcome: **{r['outcome']}**" + (f": {r['message']}" if r.get("message") else ""), ""]
-    lines += ["## Attempts (each written and checked)", "",
-              "| budget MiB | method | planned MiB | written MiB | floors strict / lazy | honest bits | est. error "
-              "| KL | top-1 | garbage | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Attempts (each written and checked)", ""]
+    t = r.get("threshold")
+    if t:
+        lines += [f"When the plan at the budget fails (or the budget is under the smallest plan, "
+                  f"{_mib(t['smallest_plan_bytes'])} MiB), sizes are checked upward from {_mib(t['start_bytes'])} MiB "
+                  f"in steps of {_mib(t['step_bytes'])} MiB (doubling; the plan at the operator floors, "
+                  f"{_mib(t['top_bytes'])} MiB, last), then bisected to {_mib(t['tolerance_bytes'])} MiB; at most "
+                  f"{t['attempts_allowed']} attempts. Smallest size that passed: "
+                  + ("none." if t["passed_bytes"] is None else f"{_mib(t['passed_bytes'])} MiB."), ""]
+    lines += ["| phase | budget MiB | method | planned MiB | written MiB | floors strict / lazy | honest bits "
+              "| est. error | KL | top-1 | garbage | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in r["attempts"]:
         p, q = a["plan"], a.get("quality") or {}
-        lines.append(f"| {_mib(a['budget_bytes'])} | {p['method']} | {_mib(p['total_bytes'])} | "
-                     f"{_mib(a.get('written', {}).get('output_bytes'))} | {p['floors']['strict']:.4f} / "
-                     f"{p['floors']['lazy']:.4f} | {p['honest_bits']:.3f} | {p['error']:.4f} | {_num(q.get('kl'))} | "
-                     f"{_num(q.get('top1'))} | {_num(q.get('garbage'), '.3f')} | {a.get('verdict', '-')} |")
+        lines.append(f"| {a.get('phase', '-')} | {_mib(a['budget_bytes'])} | {p['method']} | "
+                     f"{_mib(p['total_bytes'])} | {_mib(a.get('written', {}).get('output_bytes'))} | "
+                     f"{p['floors']['strict']:.4f} / {p['floors']['lazy']:.4f} | {p['honest_bits']:.3f} | "
+                     f"{p['error']:.4f} | {_num(q.get('kl'))} | {_num(q.get('top1'))} | "
+                     f"{_num(q.get('garbage'), '.3f')} | {a.get('verdict', '-')} |")
     if r.get("stepwise_steps"):
         lines += ["", "## Stepwise relaxation (from the table, no refitting)", "",
                   "| floor strict | floor lazy | MiB | est. error | fits |", "|---|---|---|---|---|"]

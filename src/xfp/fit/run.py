@@ -5,13 +5,18 @@
 3. Check the predicted memory against --max-ram (`xfp.fit.boundaries.forecast`).
 4. Write the plan through the normal pipeline in a fresh process (peak RSS measured), load the folder in
    another (peak RSS while loading), take KL against the source on the offline text and the generation
-   check. If the point fails, larger budgets (steps of `RETRY_STEP` of the fp16 size) are written and checked
-   until one passes; the run then stops with a BudgetError naming that size, and OUT keeps only the report.
+   check. If the plan at the budget passes, that is the fit (one attempt). If it fails, or the budget is
+   under the smallest plan above the minimum floors, `xfp.fit.threshold.smallest_passing` looks for the
+   smallest size that passes: steps up (`STEP_UP` of the fp16 size, doubling) until one passes, the plan at
+   the operator floors last, then bisects to `TOLERANCE`, at most `retries` + 1 sizes written and checked.
+   The run stops with a one-line BudgetError naming the smallest size that passed (its KL, the --budget
+   that gives it) or saying that none did; OUT then keeps only the report.
 5. OUT/fit.json, FIT.md and fit.png record every attempt.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import time
@@ -19,15 +24,23 @@ from pathlib import Path
 
 from xfp.config import QuantConfig
 from xfp.errors import XFPError
-from xfp.fit import boundaries, report as reporting, search, table as tables
+from xfp.fit import boundaries, report as reporting, search, table as tables, threshold
 from xfp.fit.search import BudgetError, Floors, mib
 
 DEFAULT_MIN_FLOORS = Floors(0.95, 0.90)
 """Lowest floors the search may go to unless --min-floor-strict / --min-floor-lazy say otherwise."""
 
-RETRY_STEP = 0.03
-"""When a fitted point fails the quality boundary, the next budget tried is this fraction of the source's
-fp16 size above the failed plan."""
+DEFAULT_RETRIES = 6
+"""Sizes checked after the first when it fails (each is written and checked, about a minute on SmolLM2):
+enough for one or two steps up and four or five bisection steps, i.e. the smallest passing size to within a
+few percent of fp16 / 2**4."""
+
+STEP_UP = 0.03
+"""First step above a failing budget, as a fraction of the source's fp16 size; it doubles after each failure."""
+
+TOLERANCE = 0.01
+"""Bisection stops when the smallest passing size is within this fraction of the fp16 size of the largest
+failing budget."""
 
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)([bB]?)\s*")
 
@@ -59,8 +72,8 @@ def fit_model(src: str | Path, out: str | Path, *, budget: str | int | None = No
               min_floors: Floors = DEFAULT_MIN_FLOORS, step: float = 0.0025, method: str = search.DEFAULT_METHOD,
               quantize_embeddings: bool = False, max_ram: int | None = None,
               max_kl: float = boundaries.DEFAULT_MAX_KL, windows: int = 4, ctx: int = 512, check: bool = True,
-              retries: int = 3, table_cache: Path | None = None, force: bool = False, progress: bool = True,
-              echo=print) -> dict:
+              retries: int = DEFAULT_RETRIES, step_up: float = STEP_UP, tolerance: float = TOLERANCE,
+              table_cache: Path | None = None, force: bool = False, progress: bool = True, echo=print) -> dict:
     """Fit `src` (alias, HF folder or GGUF file) into `out` under the budget; returns the fit report."""
     from xfp.evaluate.models import resolve
 
@@ -73,6 +86,9 @@ def fit_model(src: str | Path, out: str | Path, *, budget: str | int | None = No
         parse_size(budget)  # a bad size fails before anything is measured
     if windows < 1 or retries < 0:
         raise XFPError(f"--windows must be >= 1 and --retries >= 0, got {windows} and {retries}")
+    if not (0 < step_up <= 1 and 0 < tolerance <= 1):
+        raise XFPError(f"step_up and tolerance are fractions of the fp16 size in (0, 1], got {step_up} and "
+                       f"{tolerance}")
     if quantize_embeddings and check:
         raise XFPError("--quantize-embeddings: the XFP runtime replaces nn.Linear layers only, so a folder with "
                        "quantized embeddings (or a tied lm_head) does not load in transformers; fit keeps them fp16 "
@@ -88,7 +104,7 @@ def fit_model(src: str | Path, out: str | Path, *, budget: str | int | None = No
     table_seconds = time.perf_counter() - began
     target = budget_bytes(budget, budget_fraction, table.fp16_bytes)
     began = time.perf_counter()
-    plan = search.search(table, target, upper, min_floors, method, step)
+    smallest = search.smallest_bytes(table, upper, min_floors, method, step)
     path_steps = [search.at_floors(table, f, "stepwise") for f in search.stepwise_path(upper, min_floors, step)]
     search_seconds = time.perf_counter() - began
     forecast = boundaries.check_forecast(table, max_ram)
@@ -102,42 +118,84 @@ def fit_model(src: str | Path, out: str | Path, *, budget: str | int | None = No
               "stepwise_steps": [{"floors": [p.floors.strict, p.floors.lazy], "bytes": p.total_bytes,
                                   "error": p.error, "fits": p.total_bytes <= target} for p in path_steps],
               "memory": {"forecast": forecast.to_dict()}, "attempts": []}
-    echo(search.format_plan(table, plan, target).splitlines()[0])
 
-    attempt_budget, failure = target, None
-    for attempt in range(retries + 1):
-        entry = {"budget_bytes": attempt_budget, "plan": plan.summary(table)}
-        report["attempts"].append(entry)
-        written = boundaries.write_measured(src_path, out, table, plan)
-        entry["written"] = written
-        report["memory"].update(quantize_peak_bytes=written["peak_bytes"], quantize_bare_bytes=written["bare_bytes"])
-        if written["output_bytes"] > attempt_budget:
-            raise XFPError(f"{out}: the written tensor files take {mib(written['output_bytes'])}, over the "
-                           f"planned {mib(plan.total_bytes)} (header allowance too small); please report this")
-        if not check:
-            entry["verdict"] = "not checked"
-            break
+    if not check or target >= smallest:
+        plan = search.search(table, target, upper, min_floors, method, step)  # below `smallest`: names it, unchecked
+        echo(search.format_plan(table, plan, target).splitlines()[0])
+    else:
+        echo(f"budget {mib(target)} is below the smallest plan above the minimum floors ({mib(smallest)}): "
+             f"checking sizes from there up")
+    if not check:
+        entry = _write(src_path, out, table, plan, report)
+        entry.update(budget_bytes=target, phase="budget", verdict="not checked")
+        return _fitted(out, table, plan, target, report, max_ram)
+
+    top = max(smallest, search.at_floors(table, upper).total_bytes)
+    plans: dict[int, search.Plan] = {}
+    written_size: list[int] = []
+
+    def size_at(b: int) -> int:
+        plan = search.search(table, b, upper, min_floors, method, step)
+        plans.setdefault(plan.total_bytes, plan)
+        return plan.total_bytes
+
+    def check_size(size: int) -> bool:
+        plan = plans[size]
+        entry = _write(src_path, out, table, plan, report)
+        written_size.append(size)
         quality = boundaries.check_quality(out, src_path, windows=windows, ctx=ctx)
         entry["quality"] = quality
-        report["memory"].update(load_peak_bytes=quality["load_peak_bytes"], load_bare_bytes=quality["bare_bytes"])
-        ok, why = boundaries.passes(quality, max_kl)
-        entry["verdict"] = why
-        echo(f"attempt {attempt + 1}: {mib(written['output_bytes'])} written, KL {quality['kl']:.4f}, "
-             f"garbage {quality.get('garbage', float('nan')):.3f}: {why}")
-        if ok:
-            break
-        failure = failure or why
-        best = search.at_floors(table, upper)
-        if plan.total_bytes >= best.total_bytes or attempt == retries:
-            _refuse(out, report, f"budget {mib(target)} ({target / table.fp16_bytes:.1%} of fp16) cannot be met "
-                    f"above the quality boundary ({failure}); no size up to {mib(plan.total_bytes)} passes")
-        attempt_budget = plan.total_bytes + int(RETRY_STEP * table.fp16_bytes)
-        plan = search.search(table, attempt_budget, upper, min_floors, method, step)
+        _peak(report, "load_peak_bytes", quality["load_peak_bytes"], "load_bare_bytes", quality["bare_bytes"])
+        ok, entry["verdict"] = boundaries.passes(quality, max_kl)
+        echo(f"attempt {len(report['attempts'])}: {mib(entry['written']['output_bytes'])} written "
+             f"({plan.total_bytes / table.fp16_bytes:.1%} of fp16), {_quality(entry)}: {entry['verdict']}")
+        return ok
+
+    found = threshold.smallest_passing(size_at, check_size, start=max(target, smallest), top=top,
+                                       step=max(1, int(step_up * table.fp16_bytes)),
+                                       tolerance=max(1, int(tolerance * table.fp16_bytes)), attempts=retries + 1)
+    for entry, probe in zip(report["attempts"], found.probes):
+        entry.update(budget_bytes=probe.budget, phase=probe.phase)
+    report["threshold"] = {"start_bytes": max(target, smallest), "smallest_plan_bytes": smallest, "top_bytes": top,
+                           "step_bytes": int(step_up * table.fp16_bytes),
+                           "tolerance_bytes": int(tolerance * table.fp16_bytes), "attempts_allowed": retries + 1,
+                           "passed_bytes": found.passed, "failed_budget_bytes": found.failed,
+                           "top_failed": found.top_failed, "exhausted": found.exhausted}
+    if found.passed is not None and found.passed <= target:
+        plan = plans[found.passed]
+        if written_size[-1] != found.passed:  # the search stops at the first pass within budget: never taken
+            _write(src_path, out, table, plan, report)["verdict"] = "rewritten (passed above)"
+        return _fitted(out, table, plan, target, report, max_ram)
+    _refuse(out, report, _refusal(table, target, smallest, found, report, upper, min_floors, method, step))
+
+
+def _write(src: Path, out: Path, table, plan, report: dict) -> dict:
+    """Write `plan` into `out` (fresh process), record the attempt; the folder must not exceed the plan."""
+    entry = {"budget_bytes": plan.total_bytes, "plan": plan.summary(table)}
+    report["attempts"].append(entry)
+    written = entry["written"] = boundaries.write_measured(src, out, table, plan)
+    _peak(report, "quantize_peak_bytes", written["peak_bytes"], "quantize_bare_bytes", written["bare_bytes"])
+    if written["output_bytes"] > plan.total_bytes:
+        raise XFPError(f"{out}: the written tensor files take {mib(written['output_bytes'])}, over the "
+                       f"planned {mib(plan.total_bytes)} (header allowance too small); please report this")
+    return entry
+
+
+def _peak(report: dict, key: str, peak: int, bare_key: str, bare: int) -> None:
+    """Keep the highest peak RSS over the attempts (and the bare process of that attempt)."""
+    memory = report["memory"]
+    if peak >= memory.get(key, 0):
+        memory.update({key: peak, bare_key: bare})
+
+
+def _quality(entry: dict) -> str:
+    q = entry["quality"]
+    garbage = f"garbage {q['garbage']:.3f}" if "garbage" in q else "no generation check"
+    return f"KL {q['kl']:.4f}, {garbage}"
+
+
+def _fitted(out: Path, table, plan, target: int, report: dict, max_ram: int | None) -> dict:
     (out / "fit-plan.txt").write_text(search.format_plan(table, plan, target) + "\n")
-    if failure is not None:
-        _refuse(out, report, f"budget {mib(target)} ({target / table.fp16_bytes:.1%} of fp16) cannot be met above "
-                f"the quality boundary ({failure}); the smallest size that passes is {mib(plan.total_bytes)} "
-                f"(--budget {plan.total_bytes / 2**20:.2f}MiB)")
     if max_ram is not None:
         peak = max(report["memory"].get("quantize_peak_bytes", 0), report["memory"].get("load_peak_bytes", 0))
         if peak > max_ram:
@@ -145,6 +203,48 @@ def fit_model(src: str | Path, out: str | Path, *, budget: str | int | None = No
     report["outcome"] = "fitted"
     reporting.write(out, report)
     return report
+
+
+def budget_text(table, size: int, upper: Floors, lower: Floors, method: str, step: float) -> str:
+    """The --budget that gives back the plan of `size` bytes: its MiB rounded up to 2, 3 or 4 decimals, the first
+    that gives the same plan (any budget from the plan's size up to the one it was searched at does), else the
+    exact byte count."""
+    for decimals in (2, 3, 4):
+        text = f"{math.ceil(size * 10**decimals / 2**20) / 10**decimals:.{decimals}f}MiB"
+        if search.search(table, parse_size(text), upper, lower, method, step).total_bytes == size:
+            return text
+    return f"{size}B"
+
+
+def _refusal(table, target: int, smallest: int, found: threshold.Threshold, report: dict, upper: Floors,
+             lower: Floors, method: str, step: float) -> str:
+    """The one-line refusal: every size it names was written and checked."""
+    fp16 = table.fp16_bytes
+    entries = {e["plan"]["total_bytes"]: e for e in report["attempts"]}
+    head = f"budget {mib(target)} ({target / fp16:.1%} of fp16) cannot be met"
+    first = found.probes[0]
+    if target < smallest:
+        why = (f"it is below the smallest plan above the minimum floors (strict {lower.strict}, lazy {lower.lazy}), "
+               f"{mib(smallest)}" + ("" if first.passed else f", which fails ({entries[first.size]['verdict']})"))
+    else:
+        why = f"the plan at the budget, {mib(first.size)}, fails ({entries[first.size]['verdict']})"
+    n = len(found.probes)
+    if found.passed is None:
+        largest = entries[found.largest_tried]
+        if found.top_failed:
+            return (f"{head}: no size passes the quality boundary, not even the plan at the operator floors (strict "
+                    f"{upper.strict}, lazy {upper.lazy}): the largest size tried, {mib(found.largest_tried)}, fails "
+                    f"({largest['verdict']}); raise --floor-strict/--floor-lazy or --max-kl")
+        return (f"{head}: {why}; no size up to {mib(found.largest_tried)} passed in {n} attempts (the largest fails: "
+                f"{largest['verdict']}); raise --retries")
+    best = entries[found.passed]
+    passed = (f"the smallest size that passed is {mib(found.passed)} ({found.passed / fp16:.1%} of fp16, "
+              f"{_quality(best)}): --budget {budget_text(table, found.passed, upper, lower, method, step)}")
+    below = found.largest_failed
+    bracket = "" if below is None else (
+        f"; the largest size that failed is {mib(below)}" + (", bisection cut short by --retries" if found.exhausted
+                                                           else ""))
+    return f"{head}: {why}; {passed} ({n} attempt{'s' if n > 1 else ''}{bracket})"
 
 
 def _refuse(out: Path, report: dict, message: str) -> None:

@@ -30,7 +30,9 @@ DEFAULT_METHOD = "allocate"
 
 
 class BudgetError(XFPError):
-    """The budget cannot be met above the boundaries; the message names the smallest size that passes."""
+    """The budget cannot be met above the boundaries. Raised by `xfp fit`, its message names the smallest size
+    that passed the quality checks (or says that none did); raised by the search alone it names the smallest
+    plan above the minimum floors, unchecked."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def stepwise(table: Table, budget: int, upper: Floors, lower: Floors, step: floa
         if plan.total_bytes <= budget:
             plan.steps = steps
             return plan
-    raise BudgetError(_refusal(table, budget, lower, steps[-1]["bytes"], "stepwise relaxation"))
+    raise BudgetError(_refusal(table, budget, lower, min(s["bytes"] for s in steps), "stepwise relaxation"))
 
 
 def _feasible(m: MatrixTable, upper: Floors, lower: Floors, statistic: str) -> list[int]:
@@ -242,6 +244,14 @@ def _achieved(table: Table, choice: list[int]) -> Floors:
     return Floors(low["strict"], min(low["lazy"], low["strict"]))
 
 
+def smallest_bytes(table: Table, upper: Floors, lower: Floors, method: str = DEFAULT_METHOD,
+                   step: float = 0.0025) -> int:
+    """The smallest budget `method` can meet within the bounds (for stepwise: the smallest plan on its path)."""
+    if method == "stepwise":
+        return min(at_floors(table, f).total_bytes for f in stepwise_path(upper, lower, step))
+    return minimum_bytes(table, upper, lower)
+
+
 def search(table: Table, budget: int, upper: Floors, lower: Floors, method: str = DEFAULT_METHOD,
            step: float = 0.0025) -> Plan:
     if method not in METHODS:
@@ -259,9 +269,11 @@ def mib(n: float) -> str:
 
 
 def _refusal(table: Table, budget: int, lower: Floors, smallest: int, what: str) -> str:
+    """The search's own refusal: it names the smallest plan above the minimum floors, a size that no quality
+    check has seen (`xfp.fit.run` checks sizes before it names one as passing)."""
     return (f"budget {mib(budget)} ({budget / table.fp16_bytes:.1%} of fp16) cannot be met above the minimum floors "
-            f"(strict {lower.strict}, lazy {lower.lazy}): the smallest size that passes with {what} is "
-            f"{mib(smallest)} ({smallest / table.fp16_bytes:.1%}); raise --budget to {mib(smallest)}, "
+            f"(strict {lower.strict}, lazy {lower.lazy}): the smallest plan ({what}) is {mib(smallest)} "
+            f"({smallest / table.fp16_bytes:.1%}, not quality-checked); raise --budget, "
             f"or lower --min-floor-strict/--min-floor-lazy")
 
 

@@ -5,13 +5,19 @@ public `register_quantization_config` / `register_quantizer` of transformers (`i
 
 An XFP folder (config.json with `quantization_config.quant_method == "xfp"`):
 - before the weights load (`_process_model_before_weight_loading`, the model is still on the meta device):
-  every matrix in `quantization_config.matrices` is resolved to its `nn.Linear`, sized from that layer's
-  shape and the entry (mode, bits, outliers; group and library in mode v2a), checked against the safetensors headers (presence, dtype, shape,
-  the `xfp` header metadata: format version and matrix list; no data is read), and replaced by an `XFPLinear` whose buffers
-  carry the stored tensor names, so transformers fills them like any other state-dict entry;
+  every matrix in `quantization_config.matrices` is resolved to its `nn.Linear` or token `nn.Embedding`,
+  sized from that layer's shape and the entry (mode, bits, outliers; group and library in mode v2a), checked
+  against the safetensors headers (presence, dtype, shape, the `xfp` header metadata: format version and
+  matrix list; no data is read), and replaced by an `XFPLinear` or `XFPEmbedding` whose buffers carry the
+  stored tensor names, so transformers fills them like any other state-dict entry;
+- tied weights (`tie_word_embeddings`, see `plan_ties`): when the folder stores one matrix of a tied pair
+  quantized and not the other (SmolLM2, Gemma: the pipeline writes `model.embed_tokens.weight` only), the
+  other layer becomes a *tied* XFP module reading the same buffers (`XFPLinear.tied`), no second copy;
+  every pair with a quantized side is removed from transformers' tying, so it never re-ties a dense tensor;
 - after (`_process_model_after_weight_loading`): each matrix's content is checked by
   `xfp.format.io.validate_matrix`, and kept floating tensors must be finite. Any violation is a one-line
-  `xfp.errors.FormatError` naming the file and the tensor.
+  `xfp.errors.FormatError` naming the file and the tensor. A tied pair stored twice, bit-identical, keeps
+  one copy.
 
 Quantize-on-load (`from_pretrained(plain_folder, quantization_config=XFPConfig(...))`): transformers
 resolves the checkpoint files before any quantizer hook can change the path, and hands that same list to
@@ -46,7 +52,9 @@ from xfp.errors import FormatError, XFPError
 from xfp.format import folder as xfp_folder
 from xfp.format.io import read_matrix_names
 from xfp.format.spec import Layout, make_layout, base_name, tensor_name
+from xfp.runtime.embedding import XFPEmbedding
 from xfp.runtime.linear import BUFFER_PREFIX, XFPLinear
+from xfp.runtime.stored import StoredMatrix, layout_kwargs
 from xfp.moe.runtime import prepare_experts
 
 log = logging.getLogger(__name__)
@@ -168,7 +176,24 @@ class _Target:
     layout: Layout
 
 
-def _find_linear(model: nn.Module, name: str, where: Path) -> tuple[str, nn.Linear]:
+def _embedding_scale(module: nn.Embedding) -> float | None:
+    """None for a plain nn.Embedding; the factor of a scaled one whose lookup XFPEmbedding reproduces; else
+    ValueError naming what is not supported."""
+    if module.max_norm is not None:
+        raise ValueError("renormalizes its rows on lookup (max_norm), which a stored matrix cannot do")
+    if type(module) is nn.Embedding:
+        return None
+    # Gemma's *TextScaledWordEmbedding (gemma, gemma2, gemma3, gemma3n, gemma4, t5gemma2): forward is
+    # `super().forward(ids) * embed_scale.to(weight.dtype)`, embed_scale holding scalar_embed_scale.
+    scale = getattr(module, "scalar_embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return float(scale)
+    raise ValueError("has its own forward; XFP reproduces nn.Embedding and Gemma's scaled embeddings "
+                     "(scalar_embed_scale) only")
+
+
+def _module_path(model: nn.Module, name: str) -> str | None:
+    """The module of stored weight `name` in `model`: its base name, with or without the base-model prefix."""
     base = base_name(name)
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates = [base]
@@ -176,34 +201,121 @@ def _find_linear(model: nn.Module, name: str, where: Path) -> tuple[str, nn.Line
         candidates.append(base.removeprefix(f"{prefix}.") if base.startswith(f"{prefix}.") else f"{prefix}.{base}")
     for path in candidates:
         try:
-            module = model.get_submodule(path)
+            model.get_submodule(path)
         except AttributeError:
             continue
-        if not isinstance(module, nn.Linear):
-            raise XFPError(f"{where}: '{name}' is quantized, but '{path}' is a {type(module).__name__}; "
-                           "the XFP runtime replaces torch.nn.Linear layers only")
+        return path
+    return None
+
+
+def _find_layer(model: nn.Module, name: str, where: Path) -> tuple[str, nn.Module]:
+    """The nn.Linear or nn.Embedding stored matrix `name` replaces; XFPError for any other module."""
+    path = _module_path(model, name)
+    if path is None:
+        raise XFPError(f"{where}: quantization_config.matrices names '{name}', but {type(model).__name__} has no "
+                       f"layer '{base_name(name)}'")
+    module = model.get_submodule(path)
+    if isinstance(module, nn.Embedding):
+        try:
+            _embedding_scale(module)
+        except ValueError as exc:
+            raise XFPError(f"{where}: '{name}' is quantized, but '{path}' is a {type(module).__name__}, which "
+                           f"{exc}") from None
         return path, module
-    raise XFPError(f"{where}: quantization_config.matrices names '{name}', but {type(model).__name__} has no "
-                   f"layer '{base}'")
+    if not isinstance(module, nn.Linear):
+        raise XFPError(f"{where}: '{name}' is quantized, but '{path}' is a {type(module).__name__}; "
+                       "the XFP runtime replaces torch.nn.Linear and torch.nn.Embedding layers only")
+    return path, module
+
+
+def _layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of a layer's weight: Linear [out_features, in_features], Embedding [num, dim]."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.out_features, module.in_features
 
 
 def resolve_targets(model: nn.Module, entries: Mapping[str, MatrixEntry], where: Path) -> list[_Target]:
-    """Each stored matrix -> the Linear it replaces, sized from that layer and its entry."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    tied_with = {**dict(tied), **{v: k for k, v in tied.items()}}
+    """Each stored matrix -> the Linear or Embedding it replaces, sized from that layer and its entry."""
     targets = []
     for name, entry in entries.items():
-        path, linear = _find_linear(model, name, where)
-        other = tied_with.get(f"{path}.weight")
-        if other is not None:
-            raise XFPError(f"{where}: '{name}' is quantized, but the model ties it to '{other}'; "
-                           "XFP keeps tied weights dense (or set tie_word_embeddings=false)")
+        path, layer = _find_layer(model, name, where)
         try:
-            layout = entry.layout(linear.out_features, linear.in_features)
+            layout = entry.layout(*_layer_shape(layer))
         except ValueError as exc:
             raise FormatError(where, name, f"quantization_config.matrices: {exc}") from None
         targets.append(_Target(name, path, layout))
     return targets
+
+
+@dataclass(frozen=True)
+class _Tie:
+    """A pair of weights transformers would tie (`all_tied_weights_keys`), at least one of them quantized.
+
+    owner: the module path of a quantized side; partner: the other side's module path. How the partner
+    loads: "view" (not in the checkpoint: a tied XFP module over the owner's buffers), "quantized" (stored
+    quantized too: loads its own, shared after loading when bit-identical) or "dense" (stored dense: loads
+    it, no longer tied).
+    """
+
+    keys: tuple[str, str]  # the (target, source) parameter names of the pair, as transformers lists them
+    owner: str
+    partner: str
+    how: str
+
+
+def plan_ties(model: nn.Module, targets: list[_Target], stored: Mapping[str, Any], where: Path) -> list[_Tie]:
+    """The tied pairs with a quantized side, and how each partner loads (see `_Tie`).
+
+    stored: every tensor name of the checkpoint (e.g. check_headers' result). XFPError when a partner to
+    become a view is neither an nn.Linear nor an nn.Embedding, or is not the owner's shape.
+    """
+    quantized = {t.module_path for t in targets}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    ties = []
+    for target_key, source_key in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
+        sides = [base_name(target_key), base_name(source_key)]
+        if not target_key.endswith(".weight") or not source_key.endswith(".weight") or not quantized & set(sides):
+            continue
+        owner, partner = sides if sides[0] in quantized else sides[::-1]
+        if partner in quantized:
+            how = "quantized"
+        elif {f"{partner}.weight", f"{prefix}.{partner}.weight",
+              f"{partner}.weight".removeprefix(f"{prefix}.")} & set(stored):
+            how = "dense"
+        else:
+            how = "view"
+            layer = model.get_submodule(partner)
+            owner_layer = model.get_submodule(owner)
+            if not isinstance(layer, (nn.Linear, nn.Embedding)):
+                raise XFPError(f"{where}: '{partner}' is tied to the quantized '{owner}', but is a "
+                               f"{type(layer).__name__}; a tied XFP layer is a torch.nn.Linear or torch.nn.Embedding")
+            if _layer_shape(layer) != _layer_shape(owner_layer):
+                raise XFPError(f"{where}: '{partner}' {list(_layer_shape(layer))} is tied to the quantized '{owner}' "
+                               f"{list(_layer_shape(owner_layer))}: the shapes differ")
+        ties.append(_Tie((target_key, source_key), owner, partner, how))
+    return ties
+
+
+def untie(model: nn.Module, keys: set[str]) -> None:
+    """Remove every tied pair touching a parameter name in `keys` from transformers' tying, for loading
+    (`all_tied_weights_keys`) and for a later `model.tie_weights()` (each PreTrainedModel's
+    `_tied_weights_keys`, here its expanded mapping without those pairs)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(getattr(model, "all_tied_weights_keys", None), dict):
+        model.all_tied_weights_keys = {t: s for t, s in model.all_tied_weights_keys.items()
+                                       if t not in keys and s not in keys}
+    for path, module in model.named_modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        at = f"{path}." if path else ""
+        expanded = module.get_expanded_tied_weights_keys(all_submodels=False)
+        kept = {t: s for t, s in expanded.items() if f"{at}{t}" not in keys and f"{at}{s}" not in keys}
+        if kept != expanded:
+            module._tied_weights_keys = kept
+            if path and isinstance(getattr(module, "all_tied_weights_keys", None), dict):
+                module.all_tied_weights_keys = dict(kept)
 
 
 def check_headers(files: list[Path], targets: list[_Target]) -> dict[str, Path]:
@@ -250,15 +362,41 @@ def check_headers(files: list[Path], targets: list[_Target]) -> dict[str, Path]:
     return file_of
 
 
-def _replace(model: nn.Module, target: _Target) -> None:
-    linear = model.get_submodule(target.module_path)
-    bias = linear.bias
+def _replace(model: nn.Module, target: _Target) -> StoredMatrix:
+    """Put an empty (meta) XFP module in place of the target's layer; returns it."""
+    layer = model.get_submodule(target.module_path)
     lay = target.layout
-    entry = lay.entry()
-    module = XFPLinear(lay.cols, lay.rows, lay.bits, lay.n_outliers, bias is not None, mode=lay.mode,
-                       group=entry.get("group"), library=entry.get("library"), kept=entry.get("kept"), device="meta",
-                       dtype=None if bias is None else bias.dtype)
+    if isinstance(layer, nn.Embedding):
+        module = XFPEmbedding(lay.rows, lay.cols, lay.bits, lay.n_outliers, padding_idx=layer.padding_idx,
+                              scale=_embedding_scale(layer), **layout_kwargs(lay), device="meta",
+                              dtype=layer.weight.dtype)
+    else:
+        bias = layer.bias
+        module = XFPLinear(lay.cols, lay.rows, lay.bits, lay.n_outliers, bias is not None, **layout_kwargs(lay),
+                           device="meta", dtype=None if bias is None else bias.dtype)
     model.set_submodule(target.module_path, module)
+    return module
+
+
+def _tied_module(layer: nn.Module, owner: StoredMatrix) -> StoredMatrix:
+    """The XFP module standing in for `layer` (nn.Linear or nn.Embedding) that reads `owner`'s matrix."""
+    if isinstance(layer, StoredMatrix):  # a stored copy being replaced by a view of the owner
+        if isinstance(layer, XFPEmbedding):
+            return XFPEmbedding.tied(owner, dtype=layer.dtype, padding_idx=layer.padding_idx, scale=layer.scale)
+        return XFPLinear.tied(owner, layer.bias)
+    if isinstance(layer, nn.Embedding):
+        return XFPEmbedding.tied(owner, dtype=layer.weight.dtype, padding_idx=layer.padding_idx,
+                                 scale=_embedding_scale(layer))
+    return XFPLinear.tied(owner, layer.bias)
+
+
+def _same_matrix(a: StoredMatrix, b: StoredMatrix) -> bool:
+    """Whether two modules hold the same stored matrix, bit for bit (float16 parts compared as int16)."""
+    if a.layout != b.layout:
+        return False
+    bits = lambda t: t.view(torch.int16) if t.dtype == torch.float16 else t  # noqa: E731
+    pa, pb = a.packed().tensors(), b.packed().tensors()
+    return all(torch.equal(bits(pa[k]), bits(pb[k])) for k in pa)
 
 
 # -- quantize-on-load -----------------------------------------------------------------------------
@@ -344,7 +482,8 @@ def _plain_torch_defaults() -> Iterator[None]:
 
 
 class XFPHfQuantizer(HfQuantizer):
-    """Loads XFP folders into `XFPLinear` layers; quantizes plain folders on load (see the module doc)."""
+    """Loads XFP folders into `XFPLinear` / `XFPEmbedding` layers; quantizes plain folders on load (see the
+    module doc)."""
 
     requires_calibration = False
     quantization_config: XFPConfig
@@ -353,6 +492,7 @@ class XFPHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.quantized_on_load = False
         self._targets: list[_Target] = []
+        self._ties: list[_Tie] = []
         self._file_of: dict[str, Path] = {}
         self._folder: Path | None = None
 
@@ -374,8 +514,17 @@ class XFPHfQuantizer(HfQuantizer):
         prepare_experts(model, entries, self._folder)  # fused routed experts -> per-expert linears (xfp.moe)
         self._targets = resolve_targets(model, entries, self._folder)
         self._file_of = check_headers(files, self._targets)
+        self._ties = plan_ties(model, self._targets, self._file_of, self._folder)
+        untie(model, {key for tie in self._ties for key in tie.keys})
         for target in self._targets:
             _replace(model, target)
+        for tie in self._ties:
+            if tie.how == "view":
+                owner = model.get_submodule(tie.owner)
+                model.set_submodule(tie.partner, _tied_module(model.get_submodule(tie.partner), owner))
+            elif tie.how == "dense":
+                log.warning("XFP: %s is tied to %s, but the checkpoint stores it dense while %s is quantized; "
+                            "it loads as stored, no longer tied", tie.partner, tie.owner, tie.owner)
         return model
 
     def _quantize_on_load(self, checkpoint_files: list[str]) -> None:
@@ -393,6 +542,19 @@ class XFPHfQuantizer(HfQuantizer):
             module = model.get_submodule(target.module_path)
             path = self._file_of.get(tensor_name(target.name, "meta"), self._folder)
             module.validate(path, target.name)
+        for tie in self._ties:
+            if tie.how != "quantized":
+                continue
+            # both sides stored quantized: one copy when they are the same matrix, else both (as transformers
+            # does with a tied pair stored with different values)
+            twin_at, kept_at = base_name(tie.keys[0]), base_name(tie.keys[1])  # transformers' target, source
+            kept, twin = model.get_submodule(kept_at), model.get_submodule(twin_at)
+            if _same_matrix(kept, twin):
+                model.set_submodule(twin_at, _tied_module(twin, kept))
+                log.info("XFP: %s and %s store the same matrix: one copy kept", twin_at, kept_at)
+            else:
+                log.warning("XFP: %s is tied to %s, but the checkpoint stores them as different quantized matrices; "
+                            "each keeps its own, no longer tied", twin_at, kept_at)
         prefix = getattr(model, "base_model_prefix", "") or ""
         for name, param in model.named_parameters():
             if param.is_floating_point() and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
@@ -433,4 +595,4 @@ def register() -> None:
 register()
 
 __all__ = ["QUANT_METHOD", "MatrixEntry", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_headers", "matrix_entries",
-           "quantized_folder", "register", "resolve_targets"]
+           "plan_ties", "quantized_folder", "register", "resolve_targets", "untie"]

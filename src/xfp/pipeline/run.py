@@ -135,7 +135,8 @@ def hot_columns_of(source: TensorSource, decisions: list[Decision], config: Quan
     if config.mode != "v2a" or config.keep_columns <= 0:
         return HotColumns(0.0)
     names, load = moe.hot_inputs(source, decisions)
-    return hot_columns.find(names, load, config.keep_columns)
+    return hot_columns.find(names, load, config.keep_columns, tensor_names=source.tensor_names(),
+                            config=source.config())
 
 
 def _run_parts(src: Path, source: TensorSource, decisions: list[Decision], config: QuantConfig, hot: HotColumns,

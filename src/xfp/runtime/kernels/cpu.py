@@ -27,7 +27,7 @@ for the groups (the kept value replaces the decoded one). With `a[r] = sum_c |x_
 (tested in tests/runtime/test_kernels_v2a.py): the first term is float16's own rounding of each weight,
 relative 2**-11 (the precision W_hat is stored in), the second the float32 sums. Decoded tiles (prefill)
 are exact: `float16(float32(e*s + o))` by the F16C conversion, then outliers, then kept columns. The SIMD
-kernels need the group size to be a multiple of their chunk of columns (16..64, so G = 64 and 128 always
+kernels need the group size to be a multiple of their chunk of columns (16..64, so G = 64, 128 and 256 always
 qualify); other group sizes take the portable kernel.
 
 Instruction set: chosen at run time, the best this CPU supports (AVX-512, else AVX2, else portable C++);
