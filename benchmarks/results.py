@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(section(alias, results[alias]))
     if moe_section():
         sections.append(moe_section())
+    from results_fit import fit_section  # same folder
+
+    if fit_section(ROOT):
+        sections.append(fit_section(ROOT))
     any_result = next(iter(results.values()))
     command = "python benchmarks/results.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
                                                 if (argv if argv is not None else sys.argv[1:]) else "")
