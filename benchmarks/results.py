@@ -78,7 +78,7 @@ tables below are the regenerated runs):
    scale and offset codes cost 0.0625 bits per weight instead of 0.125. The floor decides per matrix; the
    sweep rows below are measured with all three. On Gemma this made the 4.25-bit point: the default lands at
    4.23 bits (4 windows, exploratory: 0.985 without groups of 256 cost 4.253 bits). On SmolLM2 it cost quality
-   the floor does not see: the default moved from 4.227 bits, KL 0.19, ppl 30.3 (8 windows before: groups of
+   the floor does not see: the default moved from 4.227 bits, KL 0.19, ppl 30.3 (same 16 windows, groups of
    64 and 128) to 4.178 bits, KL 0.225, ppl 32.8, and no sweep point lies between 4.18 and 4.88 bits, so
    HQQ4-g64 at 4.5 bits is no longer beaten there. Like the cross-mode blind spot (point 7), p1 cosine does not
    rank group sizes by KL on SmolLM2; a stricter check for coarse groups, or a denser sweep near 0.99, is next.
