@@ -26,7 +26,8 @@ from xfp.fit.table import MatrixTable, Table
 
 METHODS = ("allocate", "stepwise")
 DEFAULT_METHOD = "allocate"
-"""Measured better at equal bytes on SmolLM2 (docs/FIT.md)."""
+"""Lower estimated error at equal bytes; the measured KL on SmolLM2 is a tie or slightly worse than stepwise's
+(docs/FIT.md, benchmarks/fit_compare.py): the default is open."""
 
 
 class BudgetError(XFPError):
