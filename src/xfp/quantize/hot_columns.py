@@ -24,9 +24,10 @@ readers' kept columns come from a weights-only estimate of E[x_j^2] at each read
 post-norm gain (a normalised output has unit energy per dimension), times the square of the reader's own
 pre-norm gain. A reader keeps the columns with the largest estimate times column energy (mean of W[:, j]^2).
 Measured on Gemma-3-270M against a one-off E[x^2] trace (never used by the quantizer), the 2% kept this way
-carry 25% of q/k/gate's input-weighted error against 3-7% for the first rule. o_proj keeps none there: its
+carry 25% of q/k/gate's input-weighted error against 3-10% for the first rule. o_proj keeps none there: its
 input (attention mixtures of v) has no massive channel (E[x^2] max/median ~33, against 700-14000 elsewhere)
-and its kept columns bought the least KL per bit (docs/RESULTS.md, ablation). down_proj keeps the second rule.
+and dropping its kept columns saved 0.017 bits for a KL change of +0.006 at 4 bits and -0.02 at 3 bits
+(4 windows, docs/RESULTS.md point 3). down_proj keeps the second rule.
 Kept columns are stored apart in int8 with a float16 scale per column (mode V2a, docs/FORMAT.md), at most `MAX_FRACTION` of a matrix's
 columns (the most extreme first).
 """
@@ -39,6 +40,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+
+from xfp.classify import family_for
 
 WRITERS = re.compile(r"\.(?:o_proj|down_proj|out_proj|dense_4h_to_h|c_proj|fc2|w2|wo)\.weight$")
 """Matrices that write into the residual stream (their output dimension is the hidden size)."""
@@ -78,13 +81,6 @@ SANDWICH_READERS = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v
 """Sandwich-norm readers (`<block>.self_attn.q_proj` ...) and the norm, in the same block, that feeds them."""
 
 _SANDWICH_BLOCK = re.compile(r"^(.*\.layers\.\d+)\.post_feedforward_layernorm\.weight$")
-_GAIN_PLUS_ONE = ("gemma", "gemma2", "gemma3", "gemma3_text")
-"""model_types whose RMSNorm multiplies by (1 + weight)."""
-
-
-def _model_types(config: dict) -> set:
-    text = config.get("text_config")
-    return {config.get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
 
 
 def sandwich_input_energy(tensor_names: Iterable[str], load: Callable[[str], torch.Tensor],
@@ -98,7 +94,7 @@ def sandwich_input_energy(tensor_names: Iterable[str], load: Callable[[str], tor
     needed = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
     if not blocks or embed is None or any(f"{b}.{k}.weight" not in names for b in blocks for k in needed):
         return {}
-    offset = 1.0 if _model_types(config) & set(_GAIN_PLUS_ONE) else 0.0
+    offset = 1.0 if family_for(config) == "gemma" else 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
 
     def gain2(norm: str) -> torch.Tensor:
         return (load(f"{norm}.weight").double().reshape(-1) + offset) ** 2
