@@ -110,7 +110,7 @@ def step_breakdown(model: nn.Module, reps: int = 5) -> dict[str, float]:
 
     head = model.get_output_embeddings()
     mats = [m for m in model.modules() if isinstance(m, (XFPLinear, nn.Linear)) and m is not head]
-    dtype = head.weight.dtype  # the model's activation dtype
+    dtype = model.dtype  # the model's activation dtype (an XFP lm_head holds no weight)
     inputs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in mats]
     hidden = torch.randn(1, 1, head.in_features, dtype=dtype)
 

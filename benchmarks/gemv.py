@@ -288,14 +288,17 @@ NOTES = """## How the kernel works, and why this route
   in one FMA. 4- and 2-bit rows are read 16 bytes at a time (`vpmovzxbd` + shifts: 32/64 weights) against
   an x permuted to match once per call. Outliers add `(value - codebook[idx]) * x[col]` per row, the
   corrections being computed once per matrix and cached on the module. W_hat is never materialised.
-- **V2a GEMV** (the default mode): x is zeroed on the kept columns and summed per group once per call;
-  per row and group the indices meet x as in V2 through the group's library codebook (held in registers for
-  the whole matrix when L = 1, reloaded per group when L > 1), the partial dot product is multiplied by the
-  group's scale (`scale_table[code]`), and `sum_g offset_table[code_g] * xsum_g` adds the offsets. So a
-  weight enters as its exact `e*s + o` (the format's W_hat rounds it to float16; the bound below covers
-  that). Outliers add `(value - (e*s + o)) * x[col]`, kept columns `kept[r, j] * x[col_j]` (prepared once per
-  matrix, float32). G must be a multiple of the ISA's chunk (16..64 columns; the writer's 64, 128 and 256 are);
-  other group sizes take the portable kernel.
+- **V2a GEMV** (the default mode): x is zeroed on the kept columns once per call. With AVX-512 at 2-6
+  bits, per row and group the group's library codebook (held in registers for the whole matrix when
+  L = 1, reloaded per group when L > 1) is turned into the group's weights by one FMA per register,
+  `float32(e*s + o)` (`e*s` is exact in float32), and the indices meet x through that table as in V2, into
+  two alternating sets of accumulators: no per-group partial sums, no offset sums. Elsewhere (AVX2,
+  scalar, 8 bits) x is also summed per group once per call, the partial dot product of each group is
+  multiplied by its scale (`scale_table[code]`) and `sum_g offset_table[code_g] * xsum_g` adds the
+  offsets. Either way a weight enters as its unrounded `e*s + o` (the format's W_hat rounds it to float16;
+  the bound below covers that). Outliers add `(value - (e*s + o)) * x[col]`, kept columns
+  `kept[r, j] * x[col_j]` (prepared once per matrix, float32). G must be a multiple of the ISA's chunk
+  (16..64 columns; the writer's 64, 128 and 256 are); other group sizes take the portable kernel.
 - **Prefill (batch > 8)**: blocks of rows are decoded exactly into a float32 tile (1 MiB, in L2, for
   small batches; 8 MiB for >= 64 rows, where BLAS efficiency matters more than the decode) and multiplied
   by `torch.mm`.
@@ -311,9 +314,13 @@ NOTES = """## How the kernel works, and why this route
 
 ## What limits speed
 
-- GEMV is memory-bound at 1 thread with AVX-512 (4-bit reaches a large fraction of the measured read
-  bandwidth); the index unpacking and permutes run on one shuffle port, so on AVX2-only CPUs (two
-  permutes + a blend per 8 weights at 4 bits, gathers at 5-8 bits) it becomes compute-bound.
+- GEMV is compute-bound here, not memory-bound: on a quiet machine XFP reads its bytes at well under the
+  measured read bandwidth at 1 thread, and the second thread nearly halves the time. Every 16 weights cost
+  a permute (the lookup) and an FMA, plus the index unpacking, and with AVX-512 all of them run on the
+  two vector ports 0 and 5 (the permutes and `vpmovzxbd` on port 5 alone). Fewer instructions per weight
+  would need integer arithmetic (int8 activations and codebooks, `vpshufb` lookups, VNNI dot products, as
+  llama.cpp does), which changes the numerics: not done. On AVX2-only CPUs (two permutes + a blend per 8
+  weights at 4 bits, gathers at 5-8 bits) the kernels are further from memory speed still.
 - On this 2-vCPU VM memory bandwidth does not grow with the second thread, so 2 threads help little, and
   when other work occupies a core, an OpenMP region waits for a time slice: with a load average above
   ~2 the 2-thread rows measure the scheduler, not the kernel (torch's own 2-thread rows suffer alike). The

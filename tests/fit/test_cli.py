@@ -68,7 +68,27 @@ def test_fit_writes_a_loadable_folder_within_budget(capsys, tiny_llama, tmp_path
         torch.testing.assert_close(model(x).logits, logits, rtol=1e-3, atol=1e-3)  # kernel vs dense matmul
 
 
-def test_quantized_embeddings_are_refused_when_the_folder_must_load(capsys, tiny_llama, tmp_path):
-    rc, _, err = _run(capsys, tiny_llama, tmp_path / "out", "--budget", "1MB", "--quantize-embeddings",
-                      "--no-progress")
-    assert rc == 2 and err.count("\n") == 1 and "does not load in transformers" in err
+def test_fit_with_quantized_embeddings_writes_a_folder_that_loads(capsys, tiny_llama, tmp_path):
+    """The quality check loads the folder in transformers: embeddings are XFPEmbedding, lm_head an XFPLinear."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import xfp  # noqa: F401  (registers the quantizer)
+    from xfp.runtime.embedding import XFPEmbedding
+    from xfp.runtime.linear import XFPLinear
+
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, tiny_llama, out, "--budget-fraction", "0.9", "--quantize-embeddings", "--table-cache",
+                      tmp_path / "cache", "--no-progress", "--no-check")
+    assert rc == 0, err
+    report = json.loads((out / "fit.json").read_text())
+    assert report["outcome"] == "fitted" and report["quantize_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert isinstance(model.model.embed_tokens, XFPEmbedding) and isinstance(model.lm_head, XFPLinear)
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        logits = model(x).logits
+        assert torch.isfinite(logits).all()
+        # densify replaces the XFPLinear layers (lm_head included); the embedding keeps decoding its rows exactly
+        assert boundaries.densify(model) == report["matrices"] - 1
+        torch.testing.assert_close(model(x).logits, logits, rtol=1e-3, atol=1e-3)

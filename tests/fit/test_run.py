@@ -3,6 +3,7 @@ written and checked, what the refusal names, what OUT keeps."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -99,6 +100,17 @@ def test_a_failing_budget_is_refused_naming_the_smallest_checked_pass(synthetic,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["FIT.md", "fit.json", "fit.png"]
     assert report["outcome"] == "refused" and report["threshold"]["passed_bytes"] == smallest
     assert "\n" not in message
+    # the embeddings were kept: the message says what they weigh and how to quantize them
+    assert message.endswith("are 0.0% of the fp16 size in every plan: --quantize-embeddings quantizes the embeddings too")
+
+
+def test_the_refusal_has_no_embeddings_hint_when_they_are_quantized(synthetic, tmp_path, monkeypatch):
+    table, install = synthetic
+    install(3_700_000)
+    monkeypatch.setattr(tables, "measure", lambda *a, **k: dataclasses.replace(table, quantize_embeddings=True))
+    with pytest.raises(BudgetError) as err:
+        _fit(tmp_path, 0.33)
+    assert "the smallest size that passed is" in str(err.value) and "--quantize-embeddings" not in str(err.value)
 
 
 def test_a_budget_under_the_smallest_plan_checks_it_before_naming_it(synthetic, tmp_path):

@@ -206,7 +206,7 @@ for _bits in (3, 4):
 for _bits in (3, 4):
     register(f"hqq{_bits}-g64", functools.partial(hqq, bits=_bits, group=64), family="hqq",
              about=f"HQQ (hqq package), {_bits}-bit, group 64, fp16 scale + zero")
-for _floor in (0.95, 0.97, 0.975, 0.98, 0.985, 0.99, 0.995):
+for _floor in (0.95, 0.97, 0.975, 0.98, 0.985, 0.99, 0.9925, 0.995):
     register(f"xfp-{_floor}", functools.partial(xfp, floor=_floor), family="xfp",
              about=f"XFP auto-select, floor {_floor} (p1 per-channel cosine)")
 

@@ -131,7 +131,8 @@ def _check(out: str, source: str, windows: int, ctx: int, garbage: bool) -> dict
 def densify(model) -> int:
     """Replace every XFPLinear of a loaded model by a float32 nn.Linear holding its exact decoded matrix
     (`xfp.format.reference.decode`, the oracle every kernel matches), so the KL windows and the generation
-    check run at dense speed; the numbers are those of the stored tensors. Returns how many were replaced."""
+    check run at dense speed; the numbers are those of the stored tensors. Returns how many were replaced.
+    An `XFPEmbedding` stays: a lookup already decodes only its rows, exactly."""
     import torch
     from torch import nn
 

@@ -89,10 +89,6 @@ def fit_model(src: str | Path, out: str | Path, *, budget: str | int | None = No
     if not (0 < step_up <= 1 and 0 < tolerance <= 1):
         raise XFPError(f"step_up and tolerance are fractions of the fp16 size in (0, 1], got {step_up} and "
                        f"{tolerance}")
-    if quantize_embeddings and check:
-        raise XFPError("--quantize-embeddings: the XFP runtime replaces nn.Linear layers only, so a folder with "
-                       "quantized embeddings (or a tied lm_head) does not load in transformers; fit keeps them fp16 "
-                       "(add --no-check to write such a folder anyway)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise XFPError(f"{out}: output folder is not empty; use --force to overwrite")
@@ -236,7 +232,7 @@ def _refusal(table, target: int, smallest: int, found: threshold.Threshold, repo
                     f"{upper.strict}, lazy {upper.lazy}): the largest size tried, {mib(found.largest_tried)}, fails "
                     f"({largest['verdict']}); raise --floor-strict/--floor-lazy or --max-kl")
         return (f"{head}: {why}; no size up to {mib(found.largest_tried)} passed in {n} attempts (the largest fails: "
-                f"{largest['verdict']}); raise --retries")
+                f"{largest['verdict']}); raise --retries{_embeddings_hint(table)}")
     best = entries[found.passed]
     passed = (f"the smallest size that passed is {mib(found.passed)} ({found.passed / fp16:.1%} of fp16, "
               f"{_quality(best)}): --budget {budget_text(table, found.passed, upper, lower, method, step)}")
@@ -244,7 +240,15 @@ def _refusal(table, target: int, smallest: int, found: threshold.Threshold, repo
     bracket = "" if below is None else (
         f"; the largest size that failed is {mib(below)}" + (", bisection cut short by --retries" if found.exhausted
                                                            else ""))
-    return f"{head}: {why}; {passed} ({n} attempt{'s' if n > 1 else ''}{bracket})"
+    return f"{head}: {why}; {passed} ({n} attempt{'s' if n > 1 else ''}{bracket}){_embeddings_hint(table)}"
+
+
+def _embeddings_hint(table) -> str:
+    """When the embeddings were kept, how much of every plan the kept tensors are, and the flag that shrinks them."""
+    if table.quantize_embeddings:
+        return ""
+    return (f"; the tensors kept unquantized (embeddings, norms) are {table.kept_bytes / table.fp16_bytes:.1%} of "
+            f"the fp16 size in every plan: --quantize-embeddings quantizes the embeddings too")
 
 
 def _refuse(out: Path, report: dict, message: str) -> None:

@@ -120,27 +120,39 @@ inline void dot_general(const uint8_t* row, int64_t row_bytes, int cols, const L
 }
 
 // 4 bits (P = 2) or 2 bits (P = 4): 16 bytes hold P*16 indices; phase s of byte k is column 16*P*t + k*P + s.
+// Two sets of accumulators take alternate blocks where registers allow (NM * P <= 8): half the FMA chain.
+template <int B, int NM, int P>
+inline void phased_block(const uint8_t* p, const float* xs, int64_t xs_stride, const Luts<B>& l, __m512 (&acc)[NM][P]) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  for (int s = 0; s < P; ++s) {
+    const __m512 w = lookup<B>(s ? _mm512_srli_epi32(v, s * B) : v, l);
+    for (int i = 0; i < NM; ++i) acc[i][s] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + i * xs_stride + s * L), acc[i][s]);
+  }
+}
+
 template <int B, int NM>
 inline void dot_phased(const uint8_t* row, int64_t row_bytes, int cols, const Luts<B>& l, const Activations& a,
                        float* out) {
   constexpr int P = 8 / B;
+  constexpr int U = NM * P <= 8 ? 2 : 1;
   const int64_t blocks = (cols + P * L - 1) / (P * L);
-  __m512 acc[NM][P];
-  for (int i = 0; i < NM; ++i)
-    for (int s = 0; s < P; ++s) acc[i][s] = _mm512_setzero_ps();
-  alignas(16) uint8_t tail[16];
-  for (int64_t t = 0; t < blocks; ++t) {
-    const uint8_t* p = readable16(row + 16 * t, row_bytes - 16 * t, tail);
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    for (int s = 0; s < P; ++s) {
-      const __m512 w = lookup<B>(s ? _mm512_srli_epi32(v, s * B) : v, l);
-      for (int i = 0; i < NM; ++i)
-        acc[i][s] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.xs + i * a.xs_stride + t * P * L + s * L), acc[i][s]);
-    }
+  const int64_t safe = std::min<int64_t>(blocks, row_bytes / 16);  // blocks whose 16 bytes lie in the row
+  __m512 acc[U][NM][P];
+  for (int k = 0; k < U; ++k)
+    for (int i = 0; i < NM; ++i)
+      for (int s = 0; s < P; ++s) acc[k][i][s] = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 2 <= safe; t += 2) {
+    phased_block<B, NM, P>(row + 16 * t, a.xs + t * P * L, a.xs_stride, l, acc[0]);
+    phased_block<B, NM, P>(row + 16 * (t + 1), a.xs + (t + 1) * P * L, a.xs_stride, l, acc[U - 1]);
   }
+  alignas(16) uint8_t tail[16];
+  for (; t < blocks; ++t)
+    phased_block<B, NM, P>(readable16(row + 16 * t, row_bytes - 16 * t, tail), a.xs + t * P * L, a.xs_stride, l, acc[0]);
   for (int i = 0; i < NM; ++i) {
-    __m512 sum = acc[i][0];
-    for (int s = 1; s < P; ++s) sum = _mm512_add_ps(sum, acc[i][s]);
+    __m512 sum = acc[0][i][0];
+    for (int s = 1; s < P; ++s) sum = _mm512_add_ps(sum, acc[0][i][s]);
+    for (int s = 0; s < P && U == 2; ++s) sum = _mm512_add_ps(sum, acc[U - 1][i][s]);
     out[i] = _mm512_reduce_add_ps(sum);
   }
 }
@@ -232,8 +244,94 @@ struct V2aShape {
   static constexpr int bytes = phased ? 16 : 2 * B;
 };
 
+// 2..6 bits: the group's scale and offset are folded into its codebook registers (one FMA per register and
+// group: float32(e * s + o), e * s being exact in float32 as e and s are float16 values), so every chunk's
+// products go straight into the row's accumulators: no per-group partial sums, no offset sums. Two sets of accumulators take alternate chunks, halving the
+// FMA dependency chains, where registers allow (NM * phases <= 8).
+template <int B, int NM, int NS>
+inline void v2a_chunk(const uint8_t* p, const float* xs, int64_t xs_stride, const Luts<B>& l, const Unpacker<B>& u,
+                      __m512 (&acc)[NM][NS]) {
+  if constexpr (V2aShape<B>::phased) {
+    phased_block<B, NM, NS>(p, xs, xs_stride, l, acc);
+  } else {
+    const __m512 wv = lookup<B>(u(p), l);
+    for (int i = 0; i < NM; ++i) acc[i][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + i * xs_stride), acc[i][0]);
+  }
+}
+
+// l = base * s + o: the group's weights float32(e * s + o), rounded once (e * s is exact).
+template <int B>
+inline void group_luts(const Luts<B>& base, __m512 sv, __m512 ov, Luts<B>& l) {
+  for (int k = 0; k < int(sizeof(base.t) / sizeof(base.t[0])); ++k) l.t[k] = _mm512_fmadd_ps(base.t[k], sv, ov);
+}
+
 template <int B, int NM>
-void v2a_gemv_rows_t(const V2aMatrix& w, const V2aActivations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+void v2a_gemv_scaled(const V2aMatrix& w, const V2aActivations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  static_assert(B <= 6, "8 bits looks weights up in a memory table: v2a_gemv_grouped");
+  using S = V2aShape<B>;
+  constexpr int NS = S::phased ? S::P : 1;  // accumulators per set: one per phase
+  constexpr int U = NM * NS <= 8 ? 2 : 1;   // sets
+  const Unpacker<B> u;
+  Luts<B> base, l;
+  int id = -1;
+  const int64_t per_group = w.group / S::cols;
+  const int64_t chunks = (w.cols + S::cols - 1) / S::cols;
+  // chunks whose 16-byte read stays inside the row
+  const int64_t safe = w.row_bytes >= 16 ? std::min<int64_t>(chunks, (w.row_bytes - 16) / S::bytes + 1) : 0;
+  alignas(16) uint8_t tail[16];
+  float out[NM];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.codes + r * w.row_bytes;
+    const uint8_t* sc = w.scale + r * w.groups;
+    const uint8_t* of = w.offset + r * w.groups;
+    const uint8_t* ids = w.ids ? w.ids + r * w.groups : nullptr;
+    __m512 acc[U][NM][NS];  // only indexed by unrolled constants: they stay in registers
+    for (int k = 0; k < U; ++k)
+      for (int i = 0; i < NM; ++i)
+        for (int s = 0; s < NS; ++s) acc[k][i][s] = _mm512_setzero_ps();
+    // groups whose chunks are all safe and come in pairs take the loop without bounds checks
+    const int32_t fast = per_group % 2 == 0 ? int32_t(std::min<int64_t>(w.groups, safe / per_group)) : 0;
+    int32_t g = 0;
+    for (; g < fast; ++g) {
+      if (ids || id < 0) {  // ids vary at random: reloading (1-4 conversions) beats a mispredict
+        id = ids ? ids[g] : 0;
+        load_luts<B>(w.library + (int64_t(id) << B), base);
+      }
+      group_luts<B>(base, _mm512_set1_ps(w.scale_table[sc[g]]), _mm512_set1_ps(w.offset_table[of[g]]), l);
+      const uint8_t* p = row + g * per_group * S::bytes;
+      const float* xs = a.xs + g * per_group * S::cols;
+      for (int64_t k = 0; k < per_group; k += 2, p += 2 * S::bytes, xs += 2 * S::cols) {
+        v2a_chunk<B, NM, NS>(p, xs, a.xs_stride, l, u, acc[0]);
+        v2a_chunk<B, NM, NS>(p + S::bytes, xs + S::cols, a.xs_stride, l, u, acc[U - 1]);
+      }
+    }
+    for (; g < w.groups; ++g) {
+      if (ids || id < 0) {
+        id = ids ? ids[g] : 0;
+        load_luts<B>(w.library + (int64_t(id) << B), base);
+      }
+      group_luts<B>(base, _mm512_set1_ps(w.scale_table[sc[g]]), _mm512_set1_ps(w.offset_table[of[g]]), l);
+      const int64_t c1 = std::min<int64_t>((g + 1) * per_group, chunks);
+      for (int64_t c = g * per_group; c < c1; ++c) {
+        const int64_t at = c * S::bytes;
+        const uint8_t* p = c < safe ? row + at : readable16(row + at, w.row_bytes - at, tail);
+        v2a_chunk<B, NM, NS>(p, a.xs + c * S::cols, a.xs_stride, l, u, acc[c & 1 ? U - 1 : 0]);
+      }
+    }
+    for (int i = 0; i < NM; ++i) {
+      __m512 sum = acc[0][i][0];
+      for (int s = 1; s < NS; ++s) sum = _mm512_add_ps(sum, acc[0][i][s]);
+      for (int s = 0; s < NS && U == 2; ++s) sum = _mm512_add_ps(sum, acc[U - 1][i][s]);
+      out[i] = _mm512_reduce_add_ps(sum);
+    }
+    v2a_finish_row<NM, false>(w, a, r, out);  // the offsets are in the weights already
+    for (int i = 0; i < NM; ++i) y[i * ldy + r] = out[i];
+  }
+}
+
+// 8 bits: per group, s * sum(e * x) from partial sums (the codebook is a memory table, not registers).
+template <int B, int NM>
+void v2a_gemv_grouped(const V2aMatrix& w, const V2aActivations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
   using S = V2aShape<B>;
   constexpr int NA = S::phased ? S::P : 2;  // independent accumulators per group
   const Unpacker<B> u;
@@ -292,6 +390,14 @@ void v2a_gemv_rows_t(const V2aMatrix& w, const V2aActivations& a, float* y, int6
     v2a_finish_row<NM>(w, a, r, out);
     for (int i = 0; i < NM; ++i) y[i * ldy + r] = out[i];
   }
+}
+
+template <int B, int NM>
+void v2a_gemv_rows_t(const V2aMatrix& w, const V2aActivations& a, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  if constexpr (B <= 6)
+    v2a_gemv_scaled<B, NM>(w, a, y, ldy, r0, r1);
+  else
+    v2a_gemv_grouped<B, NM>(w, a, y, ldy, r0, r1);
 }
 
 template <int B>

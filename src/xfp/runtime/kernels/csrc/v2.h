@@ -45,9 +45,10 @@ using DecodeRowsFn = void (*)(const V2Matrix& w, float* out, int64_t ldo, int64_
 
 // One stored V2a matrix (docs/FORMAT.md, section 3), prepared once per matrix by cpu.py.
 //
-// The fused product never rounds a weight to float16: for every group it computes
-// s * sum_c e[c] * x[c] + o * sum_c x[c], i.e. x times the exact real values e*s + o (which the format's
-// W_hat rounds to float16), with x zeroed on the kept columns; then per row the outlier corrections
+// The fused product never rounds a weight to float16: for every group it computes either
+// s * sum_c e[c] * x[c] + o * sum_c x[c] (x times the exact real values e*s + o), or, where the group's
+// codebook sits in registers (AVX-512, 2..6 bits), sum_c float32(e[c]*s + o) * x[c]; the format's W_hat
+// rounds those values to float16. x is zeroed on the kept columns; then per row the outlier corrections
 // (value - (e*s + o), prepared in float64, rounded once) and the kept columns' products. Decoded rows are
 // exact: float16(float32(e*s + o)), then outliers, then kept columns.
 struct V2aMatrix {
@@ -151,12 +152,12 @@ inline uint16_t float_to_half(float value) {
   return uint16_t(h | (sign >> 16));
 }
 
-// The part of a V2a row's product that every ISA shares: offsets times group sums, outlier corrections,
-// kept columns. out[i] += ... for i < NM.
-template <int NM>
+// The part of a V2a row's product that every ISA shares: offsets times group sums (unless the kernel put the
+// offsets into its weights), outlier corrections, kept columns. out[i] += ... for i < NM.
+template <int NM, bool kOffsets = true>
 inline void v2a_finish_row(const V2aMatrix& w, const V2aActivations& a, int64_t r, float* out) {
   const uint8_t* off = w.offset + r * w.groups;
-  for (int i = 0; i < NM; ++i) {  // four independent sums: no chain of one FMA latency per group
+  for (int i = 0; i < NM && kOffsets; ++i) {  // four independent sums: no chain of one FMA latency per group
     const float* xsum = a.xsum + i * a.xsum_stride;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     int32_t g = 0;
