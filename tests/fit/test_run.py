@@ -10,6 +10,7 @@ import re
 import pytest
 
 from xfp.cli import main
+from xfp.errors import XFPError
 from xfp.fit import boundaries, run, search, table as tables
 from xfp.fit.search import BudgetError, Floors
 
@@ -159,3 +160,17 @@ def test_the_cli_refusal_is_one_line(synthetic, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 2 and err.count("\n") == 1 and "the smallest size that passed is" in err
     assert "Traceback" not in err
+
+
+def test_the_memory_forecast_is_the_calibrated_line_and_max_ram_refuses_above_it(synthetic, tmp_path):
+    table, install = synthetic
+    fake = install(3_700_000)
+    f = boundaries.forecast(table)
+    params, largest = FP16 // 2, 4 * 8  # the synthetic matrices are 4 x 8
+    assert f.quantize_bytes == int(boundaries.BARE_PROCESS_BYTES + boundaries.QUANTIZE_BYTES_PER_PARAMETER * params
+                                   + boundaries.QUANTIZE_BYTES_PER_WEIGHT * largest)
+    assert f.load_bytes == int(boundaries.BARE_PROCESS_BYTES + boundaries.LOAD_BYTES_PER_PARAMETER * params)
+    with pytest.raises(XFPError, match=r"is below the predicted peak while quantizing .*raise --max-ram") as err:
+        _fit(tmp_path, 0.45, max_ram=f.quantize_bytes - 1)
+    assert "\n" not in str(err.value) and fake.checked == []  # refused before anything is written
+    assert _fit(tmp_path, 0.45, max_ram=f.quantize_bytes)["outcome"] == "fitted"

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from xfp.classify import TensorClass, classify, family_for
+from xfp.config import OutlierConfig
 from xfp.errors import XFPError
 from xfp.evaluate import baselines
 from xfp.pipeline.worker import is_float_label
@@ -206,7 +207,7 @@ for _bits in (3, 4):
 for _bits in (3, 4):
     register(f"hqq{_bits}-g64", functools.partial(hqq, bits=_bits, group=64), family="hqq",
              about=f"HQQ (hqq package), {_bits}-bit, group 64, fp16 scale + zero")
-for _floor in (0.95, 0.97, 0.975, 0.98, 0.985, 0.99, 0.9925, 0.995):
+for _floor in (0.95, 0.97, 0.975, 0.98, 0.985, 0.99, 0.9925, 0.994, 0.995):
     register(f"xfp-{_floor}", functools.partial(xfp, floor=_floor), family="xfp",
              about=f"XFP auto-select, floor {_floor} (p1 per-channel cosine)")
 
@@ -228,6 +229,12 @@ for _bits in (3, 4):
              functools.partial(xfp_fixed, bits=_bits, mode="v2", outliers=_published_outliers()),
              family="ablation", default=False,
              about=f"the published recipe: one {_bits}-bit Lloyd codebook per output channel, 4-sigma fp16 outliers <= 2%")
+
+for _floor in (0.99, 0.9925):
+    register(f"xfp-{_floor}-g64-128", functools.partial(xfp, floor=_floor, group_size=(64, 128)), family="ablation",
+             default=False, about=f"as xfp-{_floor} without groups of 256 (auto-select among groups of 64 and 128)")
+register("xfp-0.99-noout", functools.partial(xfp, floor=0.99, outliers=OutlierConfig(budgets=(0.0,))),
+         family="ablation", default=False, about="as xfp-0.99 without fp16 outliers")
 
 
 # -- applying a method to a model -----------------------------------------------------------------

@@ -3,8 +3,9 @@
 Memory: quantizing and loading each run in a fresh spawned process whose peak resident set size
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) is read at the end of the step, next to the size of the
 bare process (python + torch + transformers imported). For a larger model the peaks are predicted from
-the table: quantizing holds one matrix at a time (its float32 copy, the normalised groups auto-select
-keeps, the candidate under test), so its excess grows with the largest matrix; loading through
+the table: quantizing reads the source and holds one matrix at a time (its float32 copy, the normalised
+groups auto-select keeps, the candidate under test), so its excess grows with the parameters and with the
+largest matrix; loading through
 transformers builds the model in float32 before the XFP layers take the packed tensors, so its excess grows
 with the parameters. The per-weight factors below were measured on SmolLM2-135M (docs/FIT.md).
 
@@ -25,18 +26,27 @@ from pathlib import Path
 from xfp.errors import XFPError
 from xfp.fit.table import Table
 
-QUANTIZE_BYTES_PER_WEIGHT = 256.0
-"""Excess peak RSS while quantizing, per weight of the largest matrix: measured on SmolLM2 (38% fit),
-1013.6 MB peak - 788.6 MB bare = 225 MB over a largest matrix of 884,736 weights (254 B/weight)."""
+QUANTIZE_BYTES_PER_PARAMETER = 2.0
+"""Excess peak RSS while quantizing, per parameter of the source (the source's tensors held while they are
+read). With QUANTIZE_BYTES_PER_WEIGHT, fitted to two SmolLM2 runs (docs/FIT.md): largest matrix 884,736
+weights (a 576 x 1536 MLP matrix), 1066.4 MB peak - 788.6 MB bare = 277.8 MB; largest matrix 28.3 M weights
+(the embedding, --quantize-embeddings), 2161.6 MB - 788.1 MB = 1373.5 MB. The line through them is 1.8 B per
+parameter (134.5 M) plus 40 B per weight of the largest matrix; both rounded up."""
+
+QUANTIZE_BYTES_PER_WEIGHT = 48.0
+"""Excess peak RSS while quantizing, per weight of the largest matrix (auto-select holds its float32 copy,
+the normalised groups it keeps and the candidate under test); see QUANTIZE_BYTES_PER_PARAMETER."""
 
 LOAD_BYTES_PER_PARAMETER = 1.0
 """Excess peak RSS while loading an XFP folder, per parameter: measured on SmolLM2 (38% fit), 913.6 MB
-peak - 788.6 MB bare = 125 MB for 134.5 M parameters (0.93 B/parameter)."""
+peak - 788.6 MB bare = 125 MB for 134.5 M parameters (0.93 B/parameter); the highest since, 936.3 MB (1.10
+B/parameter over a bare 788.6 MB), stays under the forecast because BARE_PROCESS_BYTES is rounded up. A folder
+with quantized embeddings loaded without exceeding the bare process's peak."""
 
 BARE_PROCESS_BYTES = 800 * 2**20
-"""Peak RSS of a process that imported torch, transformers and xfp and did nothing yet (788.6 MB measured;
-rounded up). One model calibrates these three constants: treat the forecast for much larger models as a
-first estimate."""
+"""Peak RSS of a process that imported torch, transformers and xfp and did nothing yet (788.1-820.7 MB
+measured; 838.9 MB here). One model calibrates these constants: treat the forecast for much larger models as
+a first estimate."""
 
 DEFAULT_MAX_KL = 0.5
 """KL(source || model) bound, nats/token, on the first windows of the offline text."""
@@ -55,7 +65,8 @@ def forecast(table: Table) -> MemoryForecast:
     """Predicted peak RSS of quantizing and of loading, from the table alone."""
     largest = max((m.weights for m in table.matrices), default=0)
     parameters = table.fp16_bytes // 2
-    return MemoryForecast(int(BARE_PROCESS_BYTES + QUANTIZE_BYTES_PER_WEIGHT * largest),
+    return MemoryForecast(int(BARE_PROCESS_BYTES + QUANTIZE_BYTES_PER_PARAMETER * parameters
+                              + QUANTIZE_BYTES_PER_WEIGHT * largest),
                           int(BARE_PROCESS_BYTES + LOAD_BYTES_PER_PARAMETER * parameters))
 
 
@@ -66,7 +77,7 @@ def check_forecast(table: Table, max_ram: int | None) -> MemoryForecast:
         if worst > max_ram:
             step = "quantizing" if f.quantize_bytes >= f.load_bytes else "loading"
             raise XFPError(f"--max-ram {max_ram / 2**20:.0f} MiB is below the predicted peak while {step} "
-                           f"({worst / 2**20:.0f} MiB); raise --max-ram")
+                           f"({worst / 2**20:.0f} MiB, a forecast calibrated on SmolLM2-135M); raise --max-ram")
     return f
 
 

@@ -246,8 +246,9 @@ struct V2aShape {
 
 // 2..6 bits: the group's scale and offset are folded into its codebook registers (one FMA per register and
 // group: float32(e * s + o), e * s being exact in float32 as e and s are float16 values), so every chunk's
-// products go straight into the row's accumulators: no per-group partial sums, no offset sums. Two sets of accumulators take alternate chunks, halving the
-// FMA dependency chains, where registers allow (NM * phases <= 8).
+// products go straight into the row's accumulators: no per-group partial sums, no offset sums. Two sets of
+// accumulators take alternate chunks, halving the FMA dependency chains, where registers allow
+// (NM * phases <= 8).
 template <int B, int NM, int NS>
 inline void v2a_chunk(const uint8_t* p, const float* xs, int64_t xs_stride, const Luts<B>& l, const Unpacker<B>& u,
                       __m512 (&acc)[NM][NS]) {
@@ -315,7 +316,10 @@ void v2a_gemv_scaled(const V2aMatrix& w, const V2aActivations& a, float* y, int6
       for (int64_t c = g * per_group; c < c1; ++c) {
         const int64_t at = c * S::bytes;
         const uint8_t* p = c < safe ? row + at : readable16(row + at, w.row_bytes - at, tail);
-        v2a_chunk<B, NM, NS>(p, a.xs + c * S::cols, a.xs_stride, l, u, acc[c & 1 ? U - 1 : 0]);
+        if (c & 1)  // constant indices only: a runtime index would put the accumulators in memory
+          v2a_chunk<B, NM, NS>(p, a.xs + c * S::cols, a.xs_stride, l, u, acc[U - 1]);
+        else
+          v2a_chunk<B, NM, NS>(p, a.xs + c * S::cols, a.xs_stride, l, u, acc[0]);
       }
     }
     for (int i = 0; i < NM; ++i) {
