@@ -12,7 +12,7 @@ Tables (every ratio compares timings taken in the same run, interleaved call by 
 
 Usage:
   python benchmarks/gemv.py                                 # print the tables
-  python benchmarks/gemv.py --markdown docs/PERFORMANCE.md  # also run benchmarks/decode_speed.py and write
+  python benchmarks/gemv.py --markdown docs/PERFORMANCE.md  # also run benchmarks/decode_speed.py (both models) and write
                                                             # the whole document (machine, tables, notes)
 Options: --threads 1 2 (thread counts to measure), --reps N, --quick (one shape, fewer repetitions),
 --modes v2 v2a (which modes to measure; both by default).
@@ -325,17 +325,23 @@ NOTES = """## How the kernel works, and why this route
   when other work occupies a core, an OpenMP region waits for a time slice: with a load average above
   ~2 the 2-thread rows measure the scheduler, not the kernel (torch's own 2-thread rows suffer alike). The
   prefill path opens two parallel regions per tile (decode, then BLAS), so it suffers most.
-- End to end, for a 135M model the matrices are small (576 wide; 4.5 groups of 128 per row in V2a) and
-  the table "Where a decode step's time goes" splits a step: the dense float32 lm_head (the tied
-  embedding, 49152x576, 113 MB per token: embeddings are not quantized by default) and everything that is
-  not a matrix (attention, norms, rotary, residuals, `generate`'s own Python)
-  cost the XFP model exactly what they cost the float32 source, so they cap the end-to-end ratio however
-  fast the XFP matrices are: with `rest + lm_head` of the fp32 step's time left, `fp32 step / (rest +
-  lm_head)` is the most any kernel can reach. What would move it next: quantizing the embedding / lm_head
-  (a format and pipeline decision, not a runtime one), running the dense lm_head in bfloat16 (a numerics
-  change the user must opt into), and fewer Python calls per layer (a compiled or fused decoder layer).
-  Per XFPLinear call the runtime now costs a few us of Python beyond the kernel (a cached fast path; it
-  re-checks the kernel override, the instruction set and every stored tensor's identity and version).
+- End to end, for a 135M model the matrices are small (576 wide: 2-5 groups per row in V2a) and the
+  table "Where a decode step's time goes" splits a step. Everything that is not a matrix (attention, norms,
+  rotary, residuals, the KV cache, `generate`'s own Python: `rest`) costs the XFP model what it costs the
+  float32 source, and it does not shrink with a second thread; with the default folder the dense float32
+  lm_head (the tied embedding, 49152x576, 113 MB per token) is added to it. `fp32 step / (rest + lm_head)`
+  is the most any kernel can reach. XFP+emb (`--quantize-embeddings`) takes the lm_head through the fused
+  kernel (its 2 ms against 8 ms), which is what brings SmolLM2 near 2x at one thread; at two threads the
+  single-threaded `rest` weighs more. Gemma-3-270M's tied embedding (262144x640, 671 MB in float32) is
+  most of its step in the default folder, so only XFP+emb passes 2x there. What would move it next: fewer Python calls per layer (a compiled or
+  fused decoder layer). A joint kernel call for the matrices that read one input (q/k/v, gate/up) was
+  measured and dropped: 2-6% of those matrices' time, about 1% of a step. Per XFPLinear call the runtime
+  costs ~5 us of Python beyond the kernel (a cached fast path that re-checks the kernel override, the
+  instruction set and every stored tensor's identity and version).
+- The decode loop asks for exactly N tokens with a one-line logits processor that forbids end-of-sequence;
+  transformers' `min_new_tokens` does the same by building and searching a vocabulary-sized mask every
+  step, about 1 ms per step on SmolLM2's 49k vocabulary for every model alike, which only shrinks the
+  ratios.
 """
 
 
@@ -448,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
 
         build_s = build_seconds()
         doc = markdown(info, bw, gemv, prefill, route, args.threads, build_s)
-        decode = decode_speed.main(["--threads", *map(str, args.threads)] + (["--quick"] if args.quick else []),
+        decode = decode_speed.main(["--models", *decode_speed.MODELS, "--threads", *map(str, args.threads)]
+                                   + (["--quick"] if args.quick else []),
                                    as_markdown=True)
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         load = os.getloadavg()

@@ -244,3 +244,23 @@ def test_the_layers_fast_path_yields_to_every_change(monkeypatch):
     layer.xfp_offset_table = torch.zeros(256, dtype=torch.float16)  # a replaced buffer
     Oracle(layer.packed()).check(layer(x) - layer.bias, x)
     assert not torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("batch", [1, 3, cpu.FUSED_MAX_M + 1])
+def test_the_decode_shaped_shortcut_gives_the_bits_of_the_general_path(monkeypatch, batch):
+    """[b, 1, cols] float32 without a bias (decode) takes the shortcut's own branch (no reshape or view); its
+    output has the decode shape and the very bits of the 2-D call; past FUSED_MAX_M rows, and with a bias,
+    the general branch serves it."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    packed = random_v2a(40, 300, 4, 64, kept=3, n_outliers=6, seed=9)
+    layer = XFPLinear.from_packed(packed)
+    x = torch.randn(batch, 1, 300, generator=torch.Generator().manual_seed(2))
+    flat = layer(x.reshape(batch, 300))
+    assert layer._fast is not None
+    y = layer(x)
+    assert y.shape == (batch, 1, 40) and y.is_contiguous()
+    assert torch.equal(y.reshape(batch, 40), flat)
+    Oracle(packed).check(flat, x.reshape(batch, 300))
+    with_bias = XFPLinear.from_packed(packed, torch.randn(40, generator=torch.Generator().manual_seed(3)))
+    with_bias(x)
+    assert torch.equal(with_bias(x), y + with_bias.bias)

@@ -153,11 +153,8 @@ void gemv_rows_t(const V2Matrix& w, const Activations& a, float* y, int64_t ldy,
       dot_phased<B, NM>(row, w.row_bytes, w.cols, l, a, out);
     else
       dot_general<B, NM>(row, w.row_bytes, w.cols, l, u, a, out);
-    for (int32_t o = w.ol_rowptr[r]; o < w.ol_rowptr[r + 1]; ++o) {
-      const float d = w.ol_delta[o];
-      const int32_t c = w.ol_col[o];
-      for (int i = 0; i < NM; ++i) out[i] += d * a.x[i * a.ldx + c];
-    }
+    const int32_t o0 = w.ol_rowptr[r];
+    add_sparse<NM>(w.ol_delta + o0, w.ol_col + o0, w.ol_rowptr[r + 1] - o0, a.x, a.ldx, out);
     for (int i = 0; i < NM; ++i) y[i * ldy + r] = out[i];
   }
 }

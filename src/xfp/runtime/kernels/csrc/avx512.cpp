@@ -169,11 +169,8 @@ void gemv_rows_t(const V2Matrix& w, const Activations& a, float* y, int64_t ldy,
       dot_phased<B, NM>(row, w.row_bytes, w.cols, l, a, out);
     else
       dot_general<B, NM>(row, w.row_bytes, w.cols, l, u, a, out);
-    for (int32_t o = w.ol_rowptr[r]; o < w.ol_rowptr[r + 1]; ++o) {
-      const float d = w.ol_delta[o];
-      const int32_t c = w.ol_col[o];
-      for (int i = 0; i < NM; ++i) out[i] += d * a.x[i * a.ldx + c];
-    }
+    const int32_t o0 = w.ol_rowptr[r];
+    add_sparse<NM>(w.ol_delta + o0, w.ol_col + o0, w.ol_rowptr[r + 1] - o0, a.x, a.ldx, out);
     for (int i = 0; i < NM; ++i) y[i * ldy + r] = out[i];
   }
 }
@@ -292,13 +289,17 @@ void v2a_gemv_scaled(const V2aMatrix& w, const V2aActivations& a, float* y, int6
         for (int s = 0; s < NS; ++s) acc[k][i][s] = _mm512_setzero_ps();
     // groups whose chunks are all safe and come in pairs take the loop without bounds checks
     const int32_t fast = per_group % 2 == 0 ? int32_t(std::min<int64_t>(w.groups, safe / per_group)) : 0;
-    int32_t g = 0;
-    for (; g < fast; ++g) {
+    // group g's codebook registers: its library entry, scaled and offset
+    const auto prepare_group = [&](int32_t g) {
       if (ids || id < 0) {  // ids vary at random: reloading (1-4 conversions) beats a mispredict
         id = ids ? ids[g] : 0;
         load_luts<B>(w.library + (int64_t(id) << B), base);
       }
       group_luts<B>(base, _mm512_set1_ps(w.scale_table[sc[g]]), _mm512_set1_ps(w.offset_table[of[g]]), l);
+    };
+    int32_t g = 0;
+    for (; g < fast; ++g) {
+      prepare_group(g);
       const uint8_t* p = row + g * per_group * S::bytes;
       const float* xs = a.xs + g * per_group * S::cols;
       for (int64_t k = 0; k < per_group; k += 2, p += 2 * S::bytes, xs += 2 * S::cols) {
@@ -307,11 +308,7 @@ void v2a_gemv_scaled(const V2aMatrix& w, const V2aActivations& a, float* y, int6
       }
     }
     for (; g < w.groups; ++g) {
-      if (ids || id < 0) {
-        id = ids ? ids[g] : 0;
-        load_luts<B>(w.library + (int64_t(id) << B), base);
-      }
-      group_luts<B>(base, _mm512_set1_ps(w.scale_table[sc[g]]), _mm512_set1_ps(w.offset_table[of[g]]), l);
+      prepare_group(g);
       const int64_t c1 = std::min<int64_t>((g + 1) * per_group, chunks);
       for (int64_t c = g * per_group; c < c1; ++c) {
         const int64_t at = c * S::bytes;

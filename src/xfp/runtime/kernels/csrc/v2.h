@@ -152,6 +152,21 @@ inline uint16_t float_to_half(float value) {
   return uint16_t(h | (sign >> 16));
 }
 
+// out[i] += sum_j vals[j] * x_i[cols[j]] for i < NM, x_i = x + i * ldx: a row's outlier corrections or kept
+// columns. Four independent partial sums per i, so the terms do not wait on one another's FMA latency.
+template <int NM>
+inline void add_sparse(const float* vals, const int32_t* cols, int32_t n, const float* x, int64_t ldx, float* out) {
+  for (int i = 0; i < NM; ++i) {
+    const float* xi = x + i * ldx;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int32_t j = 0;
+    for (; j + 4 <= n; j += 4)
+      for (int k = 0; k < 4; ++k) acc[k] += vals[j + k] * xi[cols[j + k]];
+    for (; j < n; ++j) acc[0] += vals[j] * xi[cols[j]];
+    out[i] += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
 // The part of a V2a row's product that every ISA shares: offsets times group sums (unless the kernel put the
 // offsets into its weights), outlier corrections, kept columns. out[i] += ... for i < NM.
 template <int NM, bool kOffsets = true>
@@ -166,17 +181,9 @@ inline void v2a_finish_row(const V2aMatrix& w, const V2aActivations& a, int64_t 
     for (; g < w.groups; ++g) acc[0] += w.offset_table[off[g]] * xsum[g];
     out[i] += (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
-  for (int32_t o = w.ol_rowptr[r]; o < w.ol_rowptr[r + 1]; ++o) {
-    const float d = w.ol_delta[o];
-    const int32_t c = w.ol_col[o];
-    for (int i = 0; i < NM; ++i) out[i] += d * a.x[i * a.ldx + c];
-  }
-  const float* kw = w.kept_w + r * int64_t(w.kept);
-  for (int32_t j = 0; j < w.kept; ++j) {
-    const float k = kw[j];
-    const int32_t c = w.kept_cols[j];
-    for (int i = 0; i < NM; ++i) out[i] += k * a.x[i * a.ldx + c];
-  }
+  const int32_t o0 = w.ol_rowptr[r];
+  add_sparse<NM>(w.ol_delta + o0, w.ol_col + o0, w.ol_rowptr[r + 1] - o0, a.x, a.ldx, out);
+  add_sparse<NM>(w.kept_w + r * int64_t(w.kept), w.kept_cols, w.kept, a.x, a.ldx, out);
 }
 
 // Writes a decoded row's outliers, then its kept columns (the format's order: the kept column wins).
