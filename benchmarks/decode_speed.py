@@ -290,7 +290,8 @@ def markdown(rows: list[dict]) -> str:
     has_llama = any("llama_cpp" in r for r in rows)
     has_ref = any("xfp_reference" in r for r in rows)
     lines = ["## End-to-end greedy decode, batch 1 (benchmarks/decode_speed.py)", "",
-             "transformers `generate`, greedy, KV cache; decode tokens/s excludes the prompt's prefill (best of "
+             "transformers `generate`, greedy, KV cache, exactly N tokens (end-of-sequence forbidden by `NoEos`); "
+             "decode tokens/s excludes the prompt's prefill (best of "
              "the repetitions, interleaved). "
              "XFP = the default `QuantConfig()` folder of the model's GGUF, float32 activations. "
              "'weights MB/step' = bytes of weights each step multiplies with (XFP matrices as stored; the tied "
