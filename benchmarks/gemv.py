@@ -333,15 +333,16 @@ NOTES = """## How the kernel works, and why this route
   is the most any kernel can reach. XFP+emb (`--quantize-embeddings`) takes the lm_head through the fused
   kernel (its 2 ms against 8 ms), which is what brings SmolLM2 near 2x at one thread; at two threads the
   single-threaded `rest` weighs more. Gemma-3-270M's tied embedding (262144x640, 671 MB in float32) is
-  most of its step in the default folder, so only XFP+emb passes 2x there. What would move it next: fewer Python calls per layer (a compiled or
-  fused decoder layer). A joint kernel call for the matrices that read one input (q/k/v, gate/up) was
-  measured and dropped: 2-6% of those matrices' time, about 1% of a step. Per XFPLinear call the runtime
+  most of its step in the default folder, so only XFP+emb passes 2x there. What would move it next: fewer
+  Python calls per layer (a compiled or fused decoder layer). A joint kernel call for the matrices that
+  read one input (q/k/v, gate/up) was tried and dropped: in a scratch A/B (not kept) it saved 2-6% of
+  those matrices' time, about 1% of a step. Per XFPLinear call the runtime
   costs ~5 us of Python beyond the kernel (a cached fast path that re-checks the kernel override, the
   instruction set and every stored tensor's identity and version).
 - The decode loop asks for exactly N tokens with a one-line logits processor that forbids end-of-sequence;
   transformers' `min_new_tokens` does the same by building and searching a vocabulary-sized mask every
-  step, about 1 ms per step on SmolLM2's 49k vocabulary for every model alike, which only shrinks the
-  ratios.
+  step, about 1 ms per step on SmolLM2's 49k vocabulary (torch.profiler, scratch run) for every model
+  alike, which only shrinks the ratios.
 """
 
 

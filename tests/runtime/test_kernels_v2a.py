@@ -248,9 +248,8 @@ def test_the_layers_fast_path_yields_to_every_change(monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 3, cpu.FUSED_MAX_M + 1])
 def test_the_decode_shaped_shortcut_gives_the_bits_of_the_general_path(monkeypatch, batch):
-    """[b, 1, cols] float32 without a bias (decode) takes the shortcut's own branch (no reshape or view); its
-    output has the decode shape and the very bits of the 2-D call; past FUSED_MAX_M rows, and with a bias,
-    the general branch serves it."""
+    """[b, 1, cols] float32 (decode) is written straight in the output's shape (no reshape or view); it has
+    the very bits of the 2-D call, past FUSED_MAX_M rows (the tiled path) too, and with a bias."""
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     packed = random_v2a(40, 300, 4, 64, kept=3, n_outliers=6, seed=9)
     layer = XFPLinear.from_packed(packed)

@@ -359,24 +359,14 @@ def tiled(x: torch.Tensor, packed: Packed, state: State, isa_name: str) -> torch
 
 def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, state: State) -> torch.Tensor:
     """x: [..., cols] float32/bfloat16/float16 on the CPU -> x @ W_hat.T (+ bias): [..., rows] in x's dtype."""
-    cols = packed.cols
-    if x.shape[-1] != cols:
-        raise ValueError(f"x has {x.shape[-1]} features, the matrix has {cols} columns")
-    x2 = x.reshape(-1, cols)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    chosen = isa()
-    y = gemv(x2, packed, state, chosen) if x2.shape[0] <= FUSED_MAX_M else tiled(x2, packed, state, chosen)
-    if bias is not None:
-        y += bias.to(torch.float32)
-    if x.dtype != torch.float32:
-        y = y.to(x.dtype)
-    return y.view(*x.shape[:-1], packed.rows)
+    return runner(packed, state)(x, bias)
 
 
 def runner(packed: Packed, state: State) -> Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]:
-    """`linear` for this one matrix with the instruction set chosen now, its per-call checks done once:
-    (x, bias) -> x @ W_hat.T + bias. For `dispatch.FastPath`, which re-checks what this assumes."""
+    """The product with this one matrix, the instruction set chosen now and its per-call checks done once:
+    (x: [..., cols] float32/bfloat16/float16, bias) -> x @ W_hat.T + bias: [..., rows] in x's dtype, fused
+    up to FUSED_MAX_M rows of x, by decoded tiles above. `linear` makes one per call; `dispatch.FastPath`
+    keeps one and re-checks what it assumes."""
     state.check(packed)
     isa_name = isa()
     code, address, rows, cols = ISAS[isa_name], state.address, packed.rows, packed.cols
@@ -384,30 +374,21 @@ def runner(packed: Packed, state: State) -> Callable[[torch.Tensor, "torch.Tenso
     f32 = torch.float32
 
     def run(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype
         if shape[-1] != cols:
             raise ValueError(f"x has {shape[-1]} features, the matrix has {cols} columns")
-        if x.dtype is f32 and bias is None and x.is_contiguous() and len(shape) == 3 and shape[0] * shape[1] <= FUSED_MAX_M:
-            # decode's own case ([batch, 1, cols] float32), with no reshape or view: ~3 us of a ~15 us call
-            y = torch.empty(shape[0], shape[1], rows, dtype=f32)
-            if fused(code, address, x.data_ptr(), shape[0] * shape[1], cols, y.data_ptr(), rows) != 0:
-                raise RuntimeError(f"the {packed.mode} gemv refused its arguments ({rows}x{cols})")
-            return y
-        x2 = x.reshape(-1, cols)
-        if x2.dtype is not f32 or not x2.is_contiguous():
-            x2 = x2.to(f32).contiguous()
-        m = x2.shape[0]
-        if m <= FUSED_MAX_M:
-            y = torch.empty(m, rows, dtype=f32)
-            if fused(code, address, x2.data_ptr(), m, cols, y.data_ptr(), rows) != 0:
+        if dtype is not f32 or not x.is_contiguous():
+            x = x.to(f32).contiguous()
+        m = x.numel() // cols
+        if m <= FUSED_MAX_M:  # written straight in the output's shape: no reshape or view on decode's path
+            y = torch.empty(*shape[:-1], rows, dtype=f32)
+            if fused(code, address, x.data_ptr(), m, cols, y.data_ptr(), rows) != 0:
                 raise RuntimeError(f"the {packed.mode} gemv refused its arguments ({rows}x{cols})")
         else:
-            y = tiled(x2, packed, state, isa_name)
+            y = tiled(x.view(m, cols), packed, state, isa_name).view(*shape[:-1], rows)
         if bias is not None:
             y += bias if bias.dtype is f32 else bias.to(f32)
-        if x.dtype is not f32:
-            y = y.to(x.dtype)
-        return y.view(*x.shape[:-1], rows)
+        return y if dtype is f32 else y.to(dtype)
 
     return run
 
