@@ -11,7 +11,9 @@ the source is the float32 Hugging Face folder the package fetches. All variants 
 - XFP+emb: the folder quantized with `--quantize-embeddings` as well (a second cached folder): the token
   embedding is stored like any matrix, and a tied lm_head multiplies with it through the fused kernel, so
   the step no longer reads a dense float32 lm_head (the largest matrix of a small model);
-- optional, never in CI: llama.cpp through llama-cpp-python on the model's own GGUF, if it imports.
+- optional, never in CI: llama.cpp through llama-cpp-python, if it imports, on the model's own GGUF and on
+  the k-quants (Q4_K_M, Q3_K_M) that benchmarks/llamacpp_quality.py made of it, where that script has run
+  (its out/results/<model>/llamacpp.json also gives their KL and XFP's on the same windows).
 
 Decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1), so the prompt's prefill is
 not counted. Also printed: weight bytes each decode step reads (matrices as stored, plus dense tensors used
@@ -167,8 +169,41 @@ def first_tokens(model, ids: torch.Tensor, n: int) -> list[int]:
     return _generate(model, ids, n)[0, ids.shape[1]:].tolist()
 
 
+LLAMA_PREFIX = "llama.cpp "
+
 LLAMA_CPP_STATUS: dict[str, str] = {}
 """Why llama.cpp is missing from a run (filled by `llama_cpp_runner`), for the report."""
+
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+KQUANTS = ("Q4_K_M", "Q3_K_M")
+"""llama.cpp types raced when benchmarks/llamacpp_quality.py has made them."""
+RESULTS_ALIAS = {"default": "smollm2", "gemma": "gemma-270m"}
+"""The folder under out/results/ where llamacpp_quality.py writes each model's files (its alias)."""
+
+
+def llama_cpp_files(name: str, gguf: Path) -> dict[str, Path]:
+    """label -> GGUF llama.cpp decodes: the model's own file ('own'), then each of KQUANTS that
+    benchmarks/llamacpp_quality.py left in out/results/<alias>/ (embeddings F32, like the default XFP folder)."""
+    files = {"own": gguf}
+    folder = ROOT / "out" / "results" / RESULTS_ALIAS[name]
+    for type_name in KQUANTS:
+        path = folder / f"{gguf.stem}.{type_name}.gguf"
+        if path.is_file():
+            files[type_name] = path
+    return files
+
+
+def llama_cpp_quality(name: str) -> dict[str, dict]:
+    """method -> row of out/results/<alias>/llamacpp.json (honest bits, KL...), or {} if it is not there."""
+    path = ROOT / "out" / "results" / RESULTS_ALIAS[name] / "llamacpp.json"
+    if not path.is_file():
+        return {}
+    import json
+
+    result = json.loads(path.read_text(encoding="utf-8"))
+    return {row["method"]: {**row, "windows": result["windows"]} for row in result["rows"]}
 
 
 def llama_cpp_probe(gguf: Path) -> str | None:
@@ -177,12 +212,13 @@ def llama_cpp_probe(gguf: Path) -> str | None:
     import subprocess
     import sys
 
-    code = ("import sys; from llama_cpp import Llama; "
-            "Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False).create_completion(sys.argv[2], "
-            "max_tokens=2)")
+    code = ("import sys; sys.path.insert(0, sys.argv[3]); import llama_cpp; "
+            "from llamacpp_quality import without_extra_buffer_types; without_extra_buffer_types(llama_cpp); "
+            "llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False).create_completion("
+            "sys.argv[2], max_tokens=2)")
     try:
-        done = subprocess.run([sys.executable, "-c", code, str(gguf), PROMPT], capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run([sys.executable, "-c", code, str(gguf), PROMPT, str(HERE)], capture_output=True,
+                              text=True, timeout=300)
     except subprocess.TimeoutExpired:
         return "llama-cpp-python did not answer within 300 s"
     if done.returncode == 0:
@@ -202,8 +238,12 @@ def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int):
         LLAMA_CPP_STATUS[str(gguf)] = llama_cpp_probe(gguf) or ""
     if LLAMA_CPP_STATUS[str(gguf)]:
         return None
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False)
+    import llama_cpp
+    from llamacpp_quality import without_extra_buffer_types  # same folder (on sys.path when run as a script)
+
+    without_extra_buffer_types(llama_cpp)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                          verbose=False)
     eos = llm.token_eos()
 
     def run(n: int) -> float:
@@ -263,22 +303,29 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
 
         runners = {"xfp": xfp_run, "xfp_emb": xfp_emb_run, "fp32": lambda k: generate_seconds(src32, ids, k),
                    "bf16": lambda k: generate_seconds(src16, ids, k)}
-        llama = llama_cpp_runner(gguf, t, n_ctx=ids.shape[1] + n + 8)
-        if llama is not None:
-            runners["llama_cpp"] = llama
-        tps = measure(runners, n, reps)
+        llama = {}
+        for label, path in llama_cpp_files(name, gguf).items():
+            run = llama_cpp_runner(path, t, n_ctx=ids.shape[1] + n + 8)
+            if run is not None:
+                llama[label] = run
+        tps = measure({**runners, **{LLAMA_PREFIX + k: v for k, v in llama.items()}}, n, reps)
+        llama_tps = {k: tps.pop(LLAMA_PREFIX + k) for k in llama}
         if with_reference:  # ~1 tok/s: a few tokens, once, are enough to place it
             tps["xfp_reference"] = measure({"xfp_reference": xfp_ref}, REFERENCE_TOKENS, 1)["xfp_reference"]
         parts = {k: step_breakdown(m) for k, m in (("xfp", xfp_model), ("xfp_emb", xfp_emb), ("fp32", src32),
                                                    ("bf16", src16))}
         row = {"model": label, "threads": t, "tokens": n, "agree": agree, "gguf": gguf.name, "mb": mb,
                "isa": cpu.isa(), "parts": parts, **tps}
+        if llama_tps:
+            row["llama_cpp"] = llama_tps
+            row["llama_cpp_quality"] = llama_cpp_quality(name)
         rows.append(row)
         for k, p in parts.items():
             step = 1e3 / tps[k]
             print(f"  {k} step {step:.1f} ms = {p['n_matrices']} matrices {p['matrices_ms']:.1f} ms + lm_head "
                   f"{p['lm_head_ms']:.1f} ms + rest {step - p['matrices_ms'] - p['lm_head_ms']:.1f} ms", flush=True)
         print(f"decode {label} {t}t: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in tps.items()) +
+              "".join(f", llama.cpp {k} {v:.1f} tok/s" for k, v in llama_tps.items()) +
               f"; xfp/fp32 {tps['xfp'] / tps['fp32']:.2f}x, xfp/bf16 {tps['xfp'] / tps['bf16']:.2f}x, "
               f"xfp_emb/fp32 {tps['xfp_emb'] / tps['fp32']:.2f}x; "
               f"weights/step MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in mb.items()) +
@@ -301,9 +348,8 @@ def markdown(rows: list[dict]) -> str:
              "| model | threads | XFP tok/s | XFP+emb tok/s | fp32 tok/s | bf16 tok/s | XFP vs fp32 | XFP+emb vs fp32 | "
              "XFP vs bf16 | "
              + ("XFP reference-kernel tok/s | " if has_ref else "")
-             + ("llama.cpp tok/s | " if has_llama else "")
              + "weights MB/step XFP / XFP+emb / fp32 / bf16 | greedy tokens = fp32 (of 32) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_ref else "") + ("---:|" if has_llama else "")
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_ref else "")
              + "---|---:|"]
     for r in rows:
         cells = [r["model"], str(r["threads"]), f"{r['xfp']:.1f}", f"{r['xfp_emb']:.1f}", f"{r['fp32']:.1f}",
@@ -311,8 +357,6 @@ def markdown(rows: list[dict]) -> str:
                  f"{r['xfp'] / r['bf16']:.2f}x"]
         if has_ref:
             cells.append(f"{r['xfp_reference']:.2f}" if "xfp_reference" in r else "-")
-        if has_llama:
-            cells.append(f"{r['llama_cpp']:.1f} ({r['gguf']})" if "llama_cpp" in r else "-")
         cells += [" / ".join(f"{r['mb'][k] / 1e6:.0f}" for k in ("xfp", "xfp_emb", "fp32", "bf16")), str(r["agree"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Where a decode step's time goes (ms; matrices and lm_head measured apart from the model, on "
@@ -327,7 +371,43 @@ def markdown(rows: list[dict]) -> str:
     if not has_llama:
         why = "; ".join(sorted({v for v in LLAMA_CPP_STATUS.values() if v})) or "not run"
         lines += ["", f"llama.cpp: not measured in this run ({why}; optional, never in CI)."]
+    else:
+        lines += ["", *llama_cpp_markdown([r for r in rows if "llama_cpp" in r])]
     return "\n".join(lines)
+
+
+def llama_cpp_markdown(rows: list[dict]) -> list[str]:
+    """The race against llama.cpp: tokens/s side by side, and each side's honest bits and KL where
+    benchmarks/llamacpp_quality.py measured them on the same windows."""
+    labels = list(dict.fromkeys(k for r in rows for k in r["llama_cpp"]))
+    lines = ["### Against llama.cpp (optional, not in CI)", "",
+             "The same prompt and token count through llama-cpp-python's `create_completion` (greedy, EOS "
+             "forbidden by a logit bias) at the same thread count, interleaved with the runs above. 'own' = the "
+             "model's published GGUF, which is XFP's source (KL 0 by definition); Q4_K_M / Q3_K_M = llama.cpp's "
+             "own quantizer on that source's float32 weights, no imatrix, token embedding and output kept F32 "
+             "like the default XFP folder (`benchmarks/llamacpp_quality.py`).", "",
+             "| model | threads | XFP tok/s | XFP+emb tok/s | " + " | ".join(f"llama.cpp {k} tok/s" for k in labels)
+             + " | " + " | ".join(f"XFP / {k}" for k in labels if k != "own") + " |",
+             "|---|---:|---:|---:|" + "---:|" * (len(labels) + sum(k != "own" for k in labels))]
+    for r in rows:
+        speeds = r["llama_cpp"]
+        cells = [r["model"], str(r["threads"]), f"{r['xfp']:.1f}", f"{r['xfp_emb']:.1f}"]
+        cells += [f"{speeds[k]:.1f}" if k in speeds else "-" for k in labels]
+        cells += [f"**{r['xfp'] / speeds[k]:.2f}x**" if k in speeds else "-" for k in labels if k != "own"]
+        lines.append("| " + " | ".join(cells) + " |")
+    quality = {r["model"]: r["llama_cpp_quality"] for r in rows if r.get("llama_cpp_quality")}
+    if quality:
+        lines += ["", "Quality of the same files (`python benchmarks/llamacpp_quality.py <model> --types "
+                  + ",".join(KQUANTS) + "`: KL(source || model) per token on the same windows, honest bits over "
+                  "the same attention and MLP matrices):", "",
+                  "| model | file | honest bits | KL | ppl | windows |", "|---|---|---:|---:|---:|---:|"]
+        for model, rows_by_method in quality.items():
+            for method, q in rows_by_method.items():
+                if method.endswith("-F32"):
+                    continue
+                lines.append(f"| {model} | {method} | {q['honest_bits']:.3f} | {q['kl']:.4f} | {q['ppl']:.2f} | "
+                             f"{q['windows']} |")
+    return lines
 
 
 def main(argv: list[str] | None = None, *, as_markdown: bool = False) -> str | None:

@@ -72,7 +72,9 @@ def machine() -> dict:
     mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), 0) if Path("/proc/meminfo").exists() else 0
     return {
-        "cpu": info.get("Model name", platform.processor() or platform.machine()),
+        "cpu": info.get("Model name", platform.processor() or platform.machine())
+        + (f" (family {info['CPU family']}, model {info['Model']})" if "CPU family" in info and "Model" in info else ""),
+        "blas": "MKL" if torch.backends.mkl.is_available() else "no MKL",
         "cores": os.cpu_count(),
         "l2": info.get("L2 cache", "?"),
         "l3": info.get("L3 cache", "?"),
@@ -366,8 +368,22 @@ def build_seconds() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def earlier_runs(doc: Path) -> list[str]:
+    """Markdown lines listing the archived runs on other machines (`<doc's folder>/performance/*.md`, each
+    linked with its title), or none."""
+    runs = sorted((doc.parent / "performance").glob("*.md"))
+    if not runs:
+        return []
+    lines = ["## Earlier runs on other machines", "",
+             "The same command run on the CPUs this project was measured on before, kept as they were written:", ""]
+    for run in runs:
+        title = run.read_text().splitlines()[0].lstrip("# ").strip()
+        lines.append(f"- [{title}](performance/{run.name})")
+    return lines + [""]
+
+
 def markdown(info: dict, bw: list[dict], gemv: list[dict], prefill: list[dict], route: list[dict],
-             threads: list[int], build_s: float) -> str:
+             threads: list[int], build_s: float, earlier: list[str]) -> str:
     from decode_speed import DOC_PLACEHOLDER  # same folder
 
     lines = ["# XFP performance (CPU)", "",
@@ -381,10 +397,11 @@ def markdown(info: dict, bw: list[dict], gemv: list[dict], prefill: list[dict], 
              f"- caches: L2 {info['l2']}, L3 {info['l3']} (as lscpu reports them: a VM sees the host's "
              "shared L3, not a share of it)",
              f"- SIMD: {info['simd']}; XFP kernel instruction set in use: `{info['kernel_isa']}`",
-             f"- torch {info['torch']} (MKL), Python {info['python']}; threads measured: {threads}",
+             f"- torch {info['torch']} ({info['blas']}), Python {info['python']}; threads measured: {threads}",
              f"- load average at the start of the run: {info['load'][0]:.2f} (anything above 0 is other work "
              "sharing the 2 cores; see 'What limits speed')",
              f"- kernel build from scratch (first use, then cached): {build_s:.1f} s", "",
+             *earlier,
              "## Memory read bandwidth (torch.sum over float32)", "",
              "| buffer | " + " | ".join(f"{t} thread{'s' * (t > 1)} GB/s" for t in threads) + " |",
              "|---|" + "---:|" * len(threads)]
@@ -454,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         import decode_speed
 
         build_s = build_seconds()
-        doc = markdown(info, bw, gemv, prefill, route, args.threads, build_s)
+        doc = markdown(info, bw, gemv, prefill, route, args.threads, build_s, earlier_runs(args.markdown))
         decode = decode_speed.main(["--models", *decode_speed.MODELS, "--threads", *map(str, args.threads)]
                                    + (["--quick"] if args.quick else []),
                                    as_markdown=True)

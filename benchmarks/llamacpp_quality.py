@@ -13,10 +13,14 @@ What it does:
    keeping the token embedding (and output) tensors F32, as the xfp methods keep them;
 3. scores each file with llama.cpp (`logits_all`) on the same windows as `xfp compare` (same token ids,
    same BOS policy), against the same reference (the transformers source model, float32): ppl, KL,
-   top-1, in one pass. An "llama.cpp-F32" row shows the runtime's own difference from transformers.
+   top-1, in one pass. An "llama.cpp-F32" row shows the runtime's own difference from transformers;
+4. scores XFP's default folder (`xfp quantize` with no options, the folder benchmarks/decode_speed.py
+   times; `--no-xfp` skips it) on the same windows, through its fused kernel, so the speed race in
+   docs/PERFORMANCE.md has both sides' KL from one run.
 Honest bits: the bytes llama.cpp stores for the same tensors xfp quantizes (attention and MLP matrices;
-k-quant mixes give some of them more bits, e.g. Q4_K_M puts attn_v / half of ffn_down at Q6_K) * 8 /
-their weights. Writes llamacpp.json (rows in `xfp compare`'s format) into --out; benchmarks/results.py
+k-quant mixes give some of them more bits, e.g. Q4_K_M puts attn_v / half of ffn_down at Q6_K, and rows
+whose width is not a multiple of 256, as SmolLM2's 576, fall back to other block types) * 8 / their
+weights; for XFP, its report's `quantized_honest_bits` over the same tensors. Writes llamacpp.json (rows in `xfp compare`'s format) into --out; benchmarks/results.py
 adds those rows to the tables when the file is there.
 """
 
@@ -152,6 +156,18 @@ class LlamaCppLM(torch.nn.Module):
         return SimpleNamespace(logits=torch.from_numpy(logits).unsqueeze(0))
 
 
+XFP_ROW = "xfp-default-folder"
+"""The row of XFP's default folder, scored on the same windows (`--no-xfp` skips it)."""
+
+
+def xfp_default_folder(src: Path) -> Path:
+    """The default-config XFP folder of `src` that benchmarks/decode_speed.py times (quantized once, cached)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_speed import xfp_folder
+
+    return xfp_folder(src)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src", nargs="?", default="smollm2", help="smollm2, gemma-270m or a GGUF file")
@@ -161,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="folder for llamacpp.json and the GGUF files (default out/results/<src>)")
     p.add_argument("--install", action="store_true", help=f"pip install {LLAMA_CPP_REQ} if missing")
+    p.add_argument("--no-xfp", action="store_true",
+                   help="skip the row of XFP's default folder (the one benchmarks/decode_speed.py times)")
     args = p.parse_args(argv)
     llama_cpp = ensure_llama_cpp(args.install)
 
@@ -195,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantized {type_name} in {seconds:.1f} s", flush=True)
 
     lms = {f"llama.cpp-{t}": LlamaCppLM(llama_cpp, path, args.ctx + 1, args.threads) for t, (path, _) in files.items()}
+    xfp_dir = None if args.no_xfp else xfp_default_folder(src)
+    if xfp_dir is not None:
+        from xfp.evaluate.generation import load_model
+
+        lms[XFP_ROW] = load_model(xfp_dir)[0]
     scores = score_windows(ids, windows, {name: (lambda m=m: m) for name, m in lms.items()},
                            reference=lambda: reference, bos_id=bos, desc="windows x models")
     base = scores["source"]
@@ -209,6 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                      "delta_ppl": s.ppl - base.ppl, "kl": s.kl, "top1": s.top1, "quantize_s": seconds,
                      "eval_s": s.seconds, "garbage": None, "garbage_passed": None})
         print(f"{name:18s} {bits:6.3f} bits  ppl {s.ppl:8.3f}  KL {s.kl:.4f}  top-1 {s.top1:.3f}", flush=True)
+    if xfp_dir is not None:
+        s = scores[XFP_ROW]
+        totals = json.loads((xfp_dir / "report.json").read_text(encoding="utf-8"))["totals"]
+        rows.append({"method": XFP_ROW, "family": "xfp",
+                     "about": f"the default `xfp quantize` folder ({xfp_dir.name}), run by its fused kernel",
+                     "honest_bits": totals["quantized_honest_bits"], "stored_bytes": totals["quantized_bytes"],
+                     "weights": totals["quantized_weights"], "ppl": s.ppl, "delta_ppl": s.ppl - base.ppl, "kl": s.kl,
+                     "top1": s.top1, "quantize_s": None, "eval_s": s.seconds, "garbage": None, "garbage_passed": None})
+        print(f"{XFP_ROW:18s} {totals['quantized_honest_bits']:6.3f} bits  ppl {s.ppl:8.3f}  KL {s.kl:.4f}  "
+              f"top-1 {s.top1:.3f}", flush=True)
     result = {"source": str(src), "ctx": args.ctx, "windows": len(windows), "tokens": base.tokens,
               "source_ppl": base.ppl, "llama_cpp_python": llama_cpp.__version__, "rows": rows}
     (out / "llamacpp.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
