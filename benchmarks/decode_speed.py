@@ -304,10 +304,10 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
         runners = {"xfp": xfp_run, "xfp_emb": xfp_emb_run, "fp32": lambda k: generate_seconds(src32, ids, k),
                    "bf16": lambda k: generate_seconds(src16, ids, k)}
         llama = {}
-        for label, path in llama_cpp_files(name, gguf).items():
+        for file_label, path in llama_cpp_files(name, gguf).items():
             run = llama_cpp_runner(path, t, n_ctx=ids.shape[1] + n + 8)
             if run is not None:
-                llama[label] = run
+                llama[file_label] = run
         tps = measure({**runners, **{LLAMA_PREFIX + k: v for k, v in llama.items()}}, n, reps)
         llama_tps = {k: tps.pop(LLAMA_PREFIX + k) for k in llama}
         if with_reference:  # ~1 tok/s: a few tokens, once, are enough to place it

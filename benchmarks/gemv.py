@@ -318,8 +318,10 @@ NOTES = """## How the kernel works, and why this route
 
 - GEMV is compute-bound here, not memory-bound: on a quiet machine XFP reads its bytes at well under the
   measured read bandwidth at 1 thread, and the second thread nearly halves the time. Every 16 weights cost
-  a permute (the lookup) and an FMA, plus the index unpacking, and with AVX-512 all of them run on the
-  two vector ports 0 and 5 (the permutes and `vpmovzxbd` on port 5 alone). Fewer instructions per weight
+  a permute (the lookup) and an FMA, plus the index unpacking. With AVX-512 on Intel cores all of them run
+  on the two vector ports 0 and 5 (the permutes and `vpmovzxbd` on port 5 alone); AMD's Zen 4 runs each
+  512-bit operation as two 256-bit halves, so neither CPU gets more than about two such instructions per
+  cycle. The machine line above says which CPU this run had. Fewer instructions per weight
   would need integer arithmetic (int8 activations and codebooks, `vpshufb` lookups, VNNI dot products, as
   llama.cpp does), which changes the numerics: not done. On AVX2-only CPUs (two permutes + a blend per 8
   weights at 4 bits, gathers at 5-8 bits) the kernels are further from memory speed still.
@@ -333,14 +335,19 @@ NOTES = """## How the kernel works, and why this route
   float32 source, and it does not shrink with a second thread; with the default folder the dense float32
   lm_head (the tied embedding, 49152x576, 113 MB per token) is added to it. `fp32 step / (rest + lm_head)`
   is the most any kernel can reach. XFP+emb (`--quantize-embeddings`) takes the lm_head through the fused
-  kernel (its 2 ms against 8 ms), which is what brings SmolLM2 near 2x at one thread; at two threads the
-  single-threaded `rest` weighs more. Gemma-3-270M's tied embedding (262144x640, 671 MB in float32) is
-  most of its step in the default folder, so only XFP+emb passes 2x there. What would move it next: fewer
+  kernel (compare the lm_head column of its rows with the default folder's), which is what separates the
+  two XFP columns on SmolLM2; at two threads the single-threaded `rest` weighs more. Gemma-3-270M's tied
+  embedding (262144x640, 671 MB in float32) is most of its step in the default folder, so there XFP+emb is
+  the one that can reach 2x. What would move it next: fewer
   Python calls per layer (a compiled or fused decoder layer). A joint kernel call for the matrices that
   read one input (q/k/v, gate/up) was tried and dropped: in a scratch A/B (not kept) it saved 2-6% of
-  those matrices' time, about 1% of a step. Per XFPLinear call the runtime
-  costs ~5 us of Python beyond the kernel (a cached fast path that re-checks the kernel override, the
-  instruction set and every stored tensor's identity and version).
+  those matrices' time, about 1% of a step. Per XFPLinear call the runtime costs ~7 us of Python beyond
+  the kernel when one matrix is called in a tight loop: ~3 us for the module call and the cached fast
+  path's checks (the kernel and instruction-set overrides, every stored tensor's identity and in-place
+  version), ~1.3 us for the output's `torch.empty`, ~1.1 us for the ctypes call. Over the 210 matrices of
+  a SmolLM2 step, calling the modules took 2.5-3.7 ms more than calling the C entry points directly with
+  preallocated outputs (scratch measurement on the Intel machine, one thread): the Python of the
+  different modules does not stay in cache between kernels.
 - The decode loop asks for exactly N tokens with a one-line logits processor that forbids end-of-sequence;
   transformers' `min_new_tokens` does the same by building and searching a vocabulary-sized mask every
   step, about 1 ms per step on SmolLM2's 49k vocabulary (torch.profiler, scratch run) for every model
