@@ -325,8 +325,9 @@ NOTES = """## How the kernel works, and why this route
   would need integer arithmetic (int8 activations and codebooks, `vpshufb` lookups, VNNI dot products, as
   llama.cpp does), which changes the numerics: not done. On AVX2-only CPUs (two permutes + a blend per 8
   weights at 4 bits, gathers at 5-8 bits) the kernels are further from memory speed still.
-- On this 2-vCPU VM memory bandwidth does not grow with the second thread, so 2 threads help little, and
-  when other work occupies a core, an OpenMP region waits for a time slice: with a load average above
+- Whether memory bandwidth grows with the second thread depends on the VM (the bandwidth table above says
+  it for this run; on an earlier Intel VM it did not). When other work occupies a core, an OpenMP region
+  waits for a time slice: with a load average above
   ~2 the 2-thread rows measure the scheduler, not the kernel (torch's own 2-thread rows suffer alike). The
   prefill path opens two parallel regions per tile (decode, then BLAS), so it suffers most.
 - End to end, for a 135M model the matrices are small (576 wide: 2-5 groups per row in V2a) and the
@@ -486,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         load = os.getloadavg()
         doc = doc.replace(decode_speed.DOC_PLACEHOLDER, decode)
         doc += (f"\n\nLoad average at the end of the run (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
-                f"on {os.cpu_count()} cores: timings were taken while other work shared the machine.")
+                f"on {os.cpu_count()} cores. The run itself keeps up to {max(args.threads)} cores busy, so a load up to "
+                f"that is its own; above it, other work shared the machine (compare the load at the start).")
         args.markdown.write_text(doc + "\n")
         print(f"wrote {args.markdown}")
 
