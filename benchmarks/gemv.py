@@ -342,10 +342,12 @@ NOTES = """## How the kernel works, and why this route
   the one that can reach 2x. What would move it next: fewer
   Python calls per layer (a compiled or fused decoder layer). A joint kernel call for the matrices that
   read one input (q/k/v, gate/up) was tried and dropped: in a scratch A/B (not kept) it saved 2-6% of
-  those matrices' time, about 1% of a step. Per XFPLinear call the runtime costs ~7 us of Python beyond
-  the kernel when one matrix is called in a tight loop: ~3 us for the module call and the cached fast
-  path's checks (the kernel and instruction-set overrides, every stored tensor's identity and in-place
-  version), ~1.3 us for the output's `torch.empty`, ~1.1 us for the ctypes call. Over the 210 matrices of
+  those matrices' time, about 1% of a step. Per XFPLinear call the runtime costs ~9 us of Python beyond
+  the kernel when one matrix is called in a tight loop: ~7 us for the module call and the cached fast
+  path's checks (the kernel and instruction-set overrides, ~1.8 us of it, every stored tensor's identity
+  and in-place version), ~1.3 us for the output's `torch.empty`, ~1.1 us for the ctypes call. Swapping
+  those checks out of a whole decode (scratch A/B, not kept) changed tokens/s by less than the spread
+  between two loads of the same model (about 9%), so they stay as they are. Over the 210 matrices of
   a SmolLM2 step, calling the modules took 2.5-3.7 ms more than calling the C entry points directly with
   preallocated outputs (scratch measurement on the Intel machine, one thread): the Python of the
   different modules does not stay in cache between kernels.

@@ -153,31 +153,14 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *,
     return kernel.linear(x, packed, bias, state_for(kernel, packed, cache))
 
 
-_RAW_ENV: dict | None = getattr(os.environ, "_data", None)
-"""os.environ's own dict (POSIX: encoded keys and values), which its item assignment and deletion keep current."""
-_OVERRIDE_KEYS = tuple(os.environ.encodekey(k) for k in (ENV_VAR, _cpu.ISA_ENV_VAR)) if _RAW_ENV is not None else ()
-
-
-def overrides() -> tuple:
-    """($XFP_KERNEL, $XFP_CPU_ISA) as set now (None where unset), compared by value only. Read from os.environ's
-    own dict where it has one: ~0.1 us against ~1.8 us for two os.environ.get calls, which re-encode the key."""
-    if _RAW_ENV is not None:
-        kernel, isa = _RAW_ENV.get(_OVERRIDE_KEYS[0]), _RAW_ENV.get(_OVERRIDE_KEYS[1])
-        if kernel is None and isa is None:  # the usual case
-            return None, None
-        decode = os.environ.decodevalue
-        return None if kernel is None else decode(kernel), None if isa is None else decode(isa)
-    return os.environ.get(ENV_VAR), os.environ.get(_cpu.ISA_ENV_VAR)
-
-
 class FastPath:
     """A module's shortcut to the CPU kernel, skipping selection, fingerprint and state lookup on each call.
 
     Made by `fast_path` after a call that `linear` served with the CPU kernel; `__call__` returns None
     (the caller then takes `linear`) unless everything that call depended on still holds: x on the CPU in a
     dtype the kernel takes, no gradient wanted, `$XFP_KERNEL` and `$XFP_CPU_ISA` unchanged, and the module's
-    stored tensors the same objects at the same in-place versions. Its checks cost ~3 us a call (most of it
-    the stored tensors' versions), selection and state lookup ~20 us.
+    stored tensors the same objects at the same in-place versions. Its checks cost ~5 us a call, selection
+    and state lookup ~20 us.
     """
 
     __slots__ = ("_buffers", "_ids", "_versions", "_env", "_run")
@@ -186,13 +169,13 @@ class FastPath:
         self._buffers = buffers
         self._ids = tuple(map(id, buffers.values()))
         self._versions = [t._version for t in buffers.values()]
-        self._env = overrides()
+        self._env = (os.environ.get(ENV_VAR), os.environ.get(_cpu.ISA_ENV_VAR))
         self._run = run
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if x.dtype not in _cpu.DTYPES or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        if overrides() != self._env:
+        if (os.environ.get(ENV_VAR), os.environ.get(_cpu.ISA_ENV_VAR)) != self._env:
             return None
         values = self._buffers.values()
         if tuple(map(id, values)) != self._ids or [t._version for t in values] != self._versions:
