@@ -176,7 +176,6 @@ LLAMA_CPP_STATUS: dict[str, str] = {}
 
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 KQUANTS = ("Q4_K_M", "Q3_K_M")
 """llama.cpp types raced when benchmarks/llamacpp_quality.py has made them."""
 RESULTS_ALIAS = {"default": "smollm2", "gemma": "gemma-270m"}
@@ -186,10 +185,11 @@ RESULTS_ALIAS = {"default": "smollm2", "gemma": "gemma-270m"}
 def llama_cpp_files(name: str, gguf: Path) -> dict[str, Path]:
     """label -> GGUF llama.cpp decodes: the model's own file ('own'), then each of KQUANTS that
     benchmarks/llamacpp_quality.py left in out/results/<alias>/ (embeddings F32, like the default XFP folder)."""
+    from llamacpp_quality import RESULTS, gguf_of_type  # same folder
+
     files = {"own": gguf}
-    folder = ROOT / "out" / "results" / RESULTS_ALIAS[name]
     for type_name in KQUANTS:
-        path = folder / f"{gguf.stem}.{type_name}.gguf"
+        path = gguf_of_type(RESULTS / RESULTS_ALIAS[name], gguf, type_name)
         if path.is_file():
             files[type_name] = path
     return files
@@ -197,10 +197,13 @@ def llama_cpp_files(name: str, gguf: Path) -> dict[str, Path]:
 
 def llama_cpp_quality(name: str) -> dict[str, dict]:
     """method -> row of out/results/<alias>/llamacpp.json (honest bits, KL...), or {} if it is not there."""
-    path = ROOT / "out" / "results" / RESULTS_ALIAS[name] / "llamacpp.json"
+    import json
+
+    from llamacpp_quality import RESULT_FILE, RESULTS  # same folder
+
+    path = RESULTS / RESULTS_ALIAS[name] / RESULT_FILE
     if not path.is_file():
         return {}
-    import json
 
     result = json.loads(path.read_text(encoding="utf-8"))
     return {row["method"]: {**row, "windows": result["windows"]} for row in result["rows"]}

@@ -39,6 +39,14 @@ import torch
 
 LLAMA_CPP_REQ = "llama-cpp-python==0.3.36"
 DEFAULT_TYPES = ("Q4_K_M", "Q3_K_M", "IQ4_XS")
+RESULTS = Path(__file__).resolve().parents[1] / "out" / "results"
+"""Default parent of --out: out/results/<model alias> (benchmarks/decode_speed.py races the files found there)."""
+RESULT_FILE = "llamacpp.json"
+
+
+def gguf_of_type(out: Path, src: Path, type_name: str) -> Path:
+    """The file this script writes for `src` quantized (or converted) to llama.cpp's `type_name` in `out`."""
+    return out / f"{src.stem}.{type_name}.gguf"
 
 
 def ensure_llama_cpp(install: bool):
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     src = models.resolve(args.src)
     if src.is_dir():
         sys.exit(f"{src}: this script needs a GGUF source (llama.cpp's HF converter is not part of the wheel)")
-    out = Path(args.out or f"out/results/{args.src if not Path(args.src).exists() else src.stem}")
+    out = Path(args.out) if args.out else RESULTS / (args.src if not Path(args.src).exists() else src.stem)
     out.mkdir(parents=True, exist_ok=True)
     folder = models.hf_folder(src)
     reference, tokenizer = models.load(folder)
@@ -201,13 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     bos = models.bos_to_prepend(tokenizer)
     windows = token_windows(ids, args.ctx, args.ctx, args.max_windows, bos=bos is not None)
 
-    f32 = out / f"{src.stem}.F32.gguf"
+    f32 = gguf_of_type(out, src, "F32")
     if not f32.exists():
         print(f"writing {f32}", flush=True)
         write_f32_gguf(src, f32)
     files = {"F32": (f32, 0.0)}
     for type_name in [t.strip() for t in args.types.split(",") if t.strip()]:
-        target = out / f"{src.stem}.{type_name}.gguf"
+        target = gguf_of_type(out, src, type_name)
         seconds = quantize(llama_cpp, f32, target, type_name, args.threads)
         files[type_name] = (target, seconds)
         print(f"quantized {type_name} in {seconds:.1f} s", flush=True)
@@ -244,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
               f"top-1 {s.top1:.3f}", flush=True)
     result = {"source": str(src), "ctx": args.ctx, "windows": len(windows), "tokens": base.tokens,
               "source_ppl": base.ppl, "llama_cpp_python": llama_cpp.__version__, "rows": rows}
-    (out / "llamacpp.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out / 'llamacpp.json'}")
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out / RESULT_FILE}")
     return 0
 
 
