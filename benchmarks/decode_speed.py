@@ -10,7 +10,8 @@ the source is the float32 Hugging Face folder the package fetches. All variants 
   kernel replaces), source float32, source bfloat16;
 - XFP+emb: the folder quantized with `--quantize-embeddings` as well (a second cached folder): the token
   embedding is stored like any matrix, and a tied lm_head multiplies with it through the fused kernel, so
-  the step no longer reads a dense float32 lm_head (the largest matrix of a small model);
+  the step no longer reads the dense lm_head (the largest matrix of a small model; in the default folder it
+  is the float16 embedding as stored, read by the fused float16 GEMV, `xfp.runtime.half`);
 - optional, never in CI: llama.cpp through llama-cpp-python, if it imports, on the model's own GGUF and on
   the k-quants (Q4_K_M, Q3_K_M) that benchmarks/llamacpp_quality.py made of it, where that script has run
   (its out/results/<model>/llamacpp.json also gives their KL and XFP's on the same windows).
@@ -93,11 +94,14 @@ def weight_bytes_per_step(model: nn.Module) -> int:
     """Bytes of weights one decode step multiplies with: XFP matrices as stored (a tied lm_head: its embedding's)
     + dense Linear weights."""
     from xfp.runtime import XFPLinear
+    from xfp.runtime.half import HalfLinear
 
     total = 0
     for module in model.modules():
         if isinstance(module, XFPLinear):
             total += sum(b.numel() * b.element_size() for b in module.stored.values())
+        elif isinstance(module, HalfLinear):
+            total += module.half_weight().numel() * module.half_weight().element_size()
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total
@@ -344,8 +348,9 @@ def markdown(rows: list[dict]) -> str:
              "decode tokens/s excludes the prompt's prefill (best of "
              "the repetitions, interleaved). "
              "XFP = the default `QuantConfig()` folder of the model's GGUF, float32 activations. "
-             "'weights MB/step' = bytes of weights each step multiplies with (XFP matrices as stored; the tied "
-             "lm_head stays dense float32 in the default XFP folder, whose embeddings are not quantized).", "",
+             "'weights MB/step' = bytes of weights each step multiplies with (XFP matrices as stored; in the "
+             "default XFP folder, whose embeddings are not quantized, the tied lm_head is the embedding as "
+             "stored, float16, read by the fused float16 GEMV).", "",
              "XFP+emb = the same with `--quantize-embeddings`: the tied lm_head multiplies with the stored "
              "embedding through the fused kernel.", "",
              "| model | threads | XFP tok/s | XFP+emb tok/s | fp32 tok/s | bf16 tok/s | XFP vs fp32 | XFP+emb vs fp32 | "

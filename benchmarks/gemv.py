@@ -304,6 +304,12 @@ NOTES = """## How the kernel works, and why this route
 - **Prefill (batch > 8)**: blocks of rows are decoded exactly into a float32 tile (1 MiB, in L2, for
   small batches; 8 MiB for >= 64 rows, where BLAS efficiency matters more than the decode) and multiplied
   by `torch.mm`.
+- **Dense float16 matrices** (the embedding an XFP folder keeps unquantized, and a tied lm_head reading it;
+  `xfp.runtime.half`): they stay float16 in memory instead of being widened to the model's float32, and the
+  lm_head's GEMV converts 16 weights per `vcvtph2ps` in registers and meets x in one FMA, four rows at a
+  time, prefetching the rows 8 further on (one core streams the matrix from memory ~1.5x faster with it,
+  cold cache); the sums are float32, so only the order of the additions differs from `F.linear` on the
+  widened weight (bound `(cols + 16) * 2^-24 * sum_c |x_c| |w_c|`, tests/runtime/test_half.py).
 - **Numerics**: float32 products and sums. Bound tested (tests/runtime/test_kernels.py) for every width,
   instruction set and odd shape: `|y - x @ W_hat.T| <= (cols + 2*outliers_in_row + 16) * 2^-24 *
   sum_c |x_c| (|W_hat[r,c]| + |codebook[r, idx(r,c)]|)`; V2a (tests/runtime/test_kernels_v2a.py):
@@ -333,13 +339,14 @@ NOTES = """## How the kernel works, and why this route
 - End to end, for a 135M model the matrices are small (576 wide: 2-5 groups per row in V2a) and the
   table "Where a decode step's time goes" splits a step. Everything that is not a matrix (attention, norms,
   rotary, residuals, the KV cache, `generate`'s own Python: `rest`) costs the XFP model what it costs the
-  float32 source, and it does not shrink with a second thread; with the default folder the dense float32
-  lm_head (the tied embedding, 49152x576, 113 MB per token) is added to it. `fp32 step / (rest + lm_head)`
-  is the most any kernel can reach. XFP+emb (`--quantize-embeddings`) takes the lm_head through the fused
-  kernel (compare the lm_head column of its rows with the default folder's), which is what separates the
-  two XFP columns on SmolLM2; at two threads the single-threaded `rest` weighs more. Gemma-3-270M's tied
-  embedding (262144x640, 671 MB in float32) is most of its step in the default folder, so there XFP+emb is
-  the one that can reach 2x. What would move it next: fewer
+  float32 source, and it does not shrink with a second thread; with the default folder the dense lm_head
+  (the tied embedding as stored, float16: 49152x576, 57 MB per token; 113 MB for the float32 source) is
+  added to it. `fp32 step / (rest + lm_head)` is the most any kernel can reach. XFP+emb
+  (`--quantize-embeddings`) takes the lm_head through the fused XFP kernel (15 MB; compare the lm_head
+  column of its rows with the default folder's), which is what separates the two XFP columns on SmolLM2; at
+  two threads the single-threaded `rest` weighs more. Gemma-3-270M's tied embedding (262144x640, 335 MB in
+  float16, 671 MB in float32) is most of its step in the default folder, so there XFP+emb is the one that
+  can reach 2x. What would move it next: fewer
   Python calls per layer (a compiled or fused decoder layer). A joint kernel call for the matrices that
   read one input (q/k/v, gate/up) was tried and dropped: in a scratch A/B (not kept) it saved 2-6% of
   those matrices' time, about 1% of a step. Per XFPLinear call the runtime costs ~9 us of Python beyond

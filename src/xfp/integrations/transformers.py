@@ -14,6 +14,10 @@ An XFP folder (config.json with `quantization_config.quant_method == "xfp"`):
   quantized and not the other (SmolLM2, Gemma: the pipeline writes `model.embed_tokens.weight` only), the
   other layer becomes a *tied* XFP module reading the same buffers (`XFPLinear.tied`), no second copy;
   every pair with a quantized side is removed from transformers' tying, so it never re-ties a dense tensor;
+- dense tensors (not quantized): each must have the shape of the model's entry of that name (a one-line
+  `FormatError` otherwise, `check_dense_shapes`); a float16 token embedding and lm_head in a float32 model on
+  the CPU load as `HalfEmbedding` / `HalfLinear` over the stored float16 tensor instead of a widened float32
+  copy (`keep_float16_dense`, docs/RUNTIME.md);
 - after (`_process_model_after_weight_loading`): each matrix's content is checked by
   `xfp.format.io.validate_matrix`, and kept floating tensors must be finite. Any violation is a one-line
   `xfp.errors.FormatError` naming the file and the tensor. A tied pair stored twice, bit-identical, keeps
@@ -53,6 +57,7 @@ from xfp.format import folder as xfp_folder
 from xfp.format.io import read_matrix_names
 from xfp.format.spec import Layout, make_layout, base_name, tensor_name
 from xfp.runtime.embedding import XFPEmbedding
+from xfp.runtime.half import HalfEmbedding, HalfLinear
 from xfp.runtime.linear import BUFFER_PREFIX, XFPLinear
 from xfp.runtime.stored import StoredMatrix, layout_kwargs
 from xfp.moe.runtime import prepare_experts
@@ -478,6 +483,99 @@ def _plain_torch_defaults() -> Iterator[None]:
         torch.set_default_dtype(dtype)
 
 
+def dense_headers(file_of: Mapping[str, Path]) -> dict[str, tuple[str, list[int]]]:
+    """{name: (safetensors dtype, shape)} of every dense tensor of the checkpoint (not an XFP part), from the
+    headers (no data read). file_of: {tensor name: file}, as check_headers returns."""
+    by_file: dict[Path, list[str]] = {}
+    for key, path in file_of.items():
+        if _PART_MARKER not in key:
+            by_file.setdefault(path, []).append(key)
+    out = {}
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys:
+                tensor = f.get_slice(key)
+                out[key] = (tensor.get_dtype(), list(tensor.get_shape()))
+    return out
+
+
+def _checkpoint_key(model: nn.Module, name: str, stored: Mapping[str, Any]) -> str | None:
+    """The checkpoint's name for the model's state-dict entry `name` (with or without the base-model prefix)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for key in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        if key in stored:
+            return key
+    return None
+
+
+def check_dense_shapes(model: nn.Module, dense: Mapping[str, tuple[str, list[int]]],
+                       file_of: Mapping[str, Path]) -> None:
+    """FormatError naming the file and tensor for a dense checkpoint tensor whose shape is not the shape of
+    the model's entry of that name (an embedding of 100 rows for a config's vocab_size of 128): transformers
+    would otherwise stop on it with an error that names neither. Tensors the model has no entry for are left
+    to transformers (unexpected keys, or names its weight conversions map)."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = _checkpoint_key(model, name, dense)
+        if key is not None and dense[key][1] != list(tensor.shape):
+            raise FormatError(file_of[key], key, f"must have shape {list(tensor.shape)} for this model's config, "
+                                                 f"got {dense[key][1]}")
+
+
+def _on_cpu_only(device_map: Any) -> bool:
+    """Whether a `from_pretrained` device_map puts every weight on the CPU (None: the CPU)."""
+    if device_map is None:
+        return True
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return all(str(p) == "cpu" for p in places)
+
+
+def keep_float16_dense(model: nn.Module, dense: Mapping[str, tuple[str, list[int]]]) -> list[str]:
+    """Before loading: let the dense token embedding and lm_head keep their stored float16 in a float32 model.
+
+    transformers would widen a float16-stored dense matrix to the model's float32. The input embedding (an
+    nn.Embedding, or Gemma's scaled one) and the output embedding (an nn.Linear without bias) that are not
+    quantized, are float32 in the model and whose checkpoint tensor is float16 (a tied lm_head: the
+    embedding's) become a `HalfEmbedding` / `HalfLinear` (`xfp.runtime.half`) whose float16 buffer
+    transformers fills as stored (it loads into a buffer's own dtype): no widened copy ever exists, half the
+    memory, and the lm_head reads half the bytes per step. A tied pair stays tied (`HalfLinear.tied`) and
+    leaves transformers' tying. dense: the checkpoint's dense tensors (`dense_headers`). Returns the
+    state-dict names of the float16 buffers."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = {frozenset((base_name(t), base_name(s))) for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
+
+    def stored_half(layer: nn.Module) -> bool:
+        path = paths.get(id(layer))
+        key = None if path is None else _checkpoint_key(model, f"{path}.weight", dense)
+        return key is not None and layer.weight.dtype == torch.float32 and dense[key][0] == "F16"
+
+    names: list[str] = []
+    new_emb = None
+    if isinstance(emb, nn.Embedding):
+        try:
+            scale = _embedding_scale(emb)
+        except ValueError:  # a lookup HalfEmbedding does not reproduce: left to transformers
+            emb = None
+        if emb is not None and stored_half(emb):
+            new_emb = HalfEmbedding(torch.empty(emb.weight.shape, dtype=torch.float16, device="meta"),
+                                    dtype=torch.float32, padding_idx=emb.padding_idx, scale=scale)
+            model.set_submodule(paths[id(emb)], new_emb)
+            names.append(f"{paths[id(emb)]}.weight")
+    if type(head) is nn.Linear and head.bias is None:
+        path = paths[id(head)]
+        pair = frozenset((path, paths.get(id(emb), "")))
+        if new_emb is not None and pair in tied and _checkpoint_key(model, f"{path}.weight", dense) is None and \
+                tuple(head.weight.shape) == tuple(new_emb.weight.shape):
+            model.set_submodule(path, HalfLinear.tied(new_emb))  # stored once, as the embedding
+            names.append(f"{path}.weight")
+        elif stored_half(head):
+            model.set_submodule(path, HalfLinear(torch.empty(head.weight.shape, dtype=torch.float16, device="meta")))
+            names.append(f"{path}.weight")
+    if names:
+        untie(model, set(names))
+    return names
+
+
 # -- the quantizer --------------------------------------------------------------------------------
 
 
@@ -495,6 +593,7 @@ class XFPHfQuantizer(HfQuantizer):
         self._ties: list[_Tie] = []
         self._file_of: dict[str, Path] = {}
         self._folder: Path | None = None
+        self._float16_dense: list[str] = []  # dense buffers kept float16 (keep_float16_dense)
 
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
         if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
@@ -518,6 +617,10 @@ class XFPHfQuantizer(HfQuantizer):
         untie(model, {key for tie in self._ties for key in tie.keys})
         for target in self._targets:
             _replace(model, target)
+        dense = dense_headers(self._file_of)
+        check_dense_shapes(model, dense, self._file_of)
+        if _on_cpu_only(kwargs.get("device_map")):
+            self._float16_dense = keep_float16_dense(model, dense)
         for tie in self._ties:
             if tie.how == "view":
                 owner = model.get_submodule(tie.owner)
@@ -556,7 +659,9 @@ class XFPHfQuantizer(HfQuantizer):
                 log.warning("XFP: %s is tied to %s, but the checkpoint stores them as different quantized matrices; "
                             "each keeps its own, no longer tied", twin_at, kept_at)
         prefix = getattr(model, "base_model_prefix", "") or ""
-        for name, param in model.named_parameters():
+        dense = dict(model.named_parameters())
+        dense.update((n, b) for n, b in model.named_buffers() if n in self._float16_dense)
+        for name, param in dense.items():
             if param.is_floating_point() and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
                 path = self._file_of.get(name) or self._file_of.get(f"{prefix}.{name}") or self._folder
                 raise FormatError(path, name, "values must be finite (no NaN/Inf)")
@@ -594,5 +699,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["QUANT_METHOD", "MatrixEntry", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_headers", "matrix_entries",
+__all__ = ["QUANT_METHOD", "MatrixEntry", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_dense_shapes", "check_headers", "dense_headers", "keep_float16_dense", "matrix_entries",
            "plan_ties", "quantized_folder", "register", "resolve_targets", "untie"]

@@ -17,12 +17,50 @@ tied `XFPLinear` does.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from xfp.format.reference import Packed, PackedV2, PackedV2a, decode
-from xfp.runtime.stored import StoredMatrix, layout_kwargs
+from xfp.runtime.stored import StoredMatrix, dtype_after, layout_kwargs
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 """Token id dtypes a lookup accepts (those nn.Embedding accepts)."""
+
+
+class TokenLookup(nn.Module):
+    """What the modules standing in for a token nn.Embedding share (`XFPEmbedding`, `HalfEmbedding`): rows come
+    out in `dtype`, the dtype the dense weight would have had (the model's), which follows `module.to(dtype)`
+    and the like while the stored tensors keep theirs; times `scale` for Gemma's `*TextScaledWordEmbedding`
+    (the rows cast to `dtype`, then multiplied by `scale` rounded to `dtype`, as there). `padding_idx` is
+    kept for code that reads it; as in nn.Embedding it does not change a lookup. Subclasses call
+    `_set_output` in their constructor and `_output` on the rows they look up."""
+
+    num_embeddings: int
+    embedding_dim: int
+
+    def _set_output(self, padding_idx: int | None, scale: float | None, dtype: torch.dtype | None) -> None:
+        self.padding_idx = padding_idx
+        self.scale = None if scale is None else float(scale)
+        self.dtype = dtype or torch.get_default_dtype()
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dtype not in INDEX_DTYPES:
+            raise TypeError(f"{type(self).__name__}: input_ids must be int32 or int64, got {input_ids.dtype}")
+
+    def _output(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self.dtype)
+        if self.scale is not None:
+            rows = rows * torch.tensor(self.scale, dtype=self.dtype, device=rows.device)
+        return rows
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self.dtype = dtype_after(fn, self.dtype)
+        return result
+
+    def _lookup_repr(self) -> str:
+        scale = "" if self.scale is None else f", scale={self.scale:g}"
+        padding = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{padding}{scale}"
 
 
 def _select_outliers(pos: torch.Tensor, val: torch.Tensor, rows: torch.Tensor,
@@ -72,16 +110,14 @@ def decode_rows(packed: Packed, ids: torch.Tensor) -> torch.Tensor:
     return decode(select_rows(packed, rows))[inverse].reshape(*ids.shape, packed.cols)
 
 
-class XFPEmbedding(StoredMatrix):
+class XFPEmbedding(TokenLookup, StoredMatrix):
     """y = W_hat[input_ids] (* scale), W_hat: [num_embeddings, embedding_dim] decoded from the stored parts.
 
     Buffers: those of `make_layout(mode, num_embeddings, embedding_dim, bits, n_outliers, ...)`, as
     `XFPLinear`'s (or none when tied). The output is in `dtype`, the dtype the dense embedding would have
     had: the model's; `module.to(dtype)` and the like change it (the stored float16 parts stay as they are).
-    scale: None, or the factor of a scaled embedding (Gemma's `*TextScaledWordEmbedding` multiplies its
-    lookup by `embed_scale`, sqrt(hidden_size)): the rows are cast to `dtype`, then multiplied by
-    `scale` rounded to `dtype`, as there. padding_idx: kept for code that reads it; as in nn.Embedding it
-    does not change a lookup.
+    scale: None, or the factor of a scaled embedding (Gemma's multiplies its lookup by `embed_scale`,
+    sqrt(hidden_size)); padding_idx: as nn.Embedding's (see `TokenLookup`).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, n_outliers: int, *,
@@ -92,9 +128,7 @@ class XFPEmbedding(StoredMatrix):
         super().__init__(num_embeddings, embedding_dim, bits, n_outliers, mode=mode, group=group, library=library,
                          kept=kept, device=device, source=source)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx = padding_idx
-        self.scale = None if scale is None else float(scale)
-        self.dtype = dtype or torch.get_default_dtype()
+        self._set_output(padding_idx, scale, dtype)
 
     @classmethod
     def from_packed(cls, packed: Packed, *, dtype: torch.dtype | None = None, padding_idx: int | None = None,
@@ -119,28 +153,16 @@ class XFPEmbedding(StoredMatrix):
         """input_ids: [...] int32/int64, each in [0, num_embeddings) -> [..., embedding_dim] in `dtype`.
 
         Raises TypeError for other id dtypes and IndexError for an id out of range, as nn.Embedding does."""
-        if input_ids.dtype not in INDEX_DTYPES:
-            raise TypeError(f"XFPEmbedding: input_ids must be int32 or int64, got {input_ids.dtype}")
+        self._check_ids(input_ids)
         if input_ids.numel():
             low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= self.num_embeddings:
                 bad = low if low < 0 else high
                 raise IndexError(f"XFPEmbedding: index out of range: id {bad} is not in [0, {self.num_embeddings})")
-        rows = decode_rows(self.packed(), input_ids).to(self.dtype)
-        if self.scale is not None:
-            rows = rows * torch.tensor(self.scale, dtype=self.dtype, device=rows.device)
-        return rows
-
-    def _apply(self, fn, recurse: bool = True):
-        # The output dtype follows the casts a dense embedding's weight would see (a float probe tensor).
-        result = super()._apply(fn, recurse)
-        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
-        return result
+        return self._output(decode_rows(self.packed(), input_ids))
 
     def extra_repr(self) -> str:
-        scale = "" if self.scale is None else f", scale={self.scale:g}"
-        padding = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return f"{self.num_embeddings}, {self.embedding_dim}{padding}{scale}, {self._layout_repr()}, dtype={self.dtype}"
+        return f"{self._lookup_repr()}, {self._layout_repr()}, dtype={self.dtype}"
 
 
-__all__ = ["INDEX_DTYPES", "XFPEmbedding", "decode_rows", "select_rows"]
+__all__ = ["INDEX_DTYPES", "TokenLookup", "XFPEmbedding", "decode_rows", "select_rows"]

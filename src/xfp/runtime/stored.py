@@ -15,6 +15,8 @@ held by the model where it is.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,27 @@ def layout_kwargs(layout: Layout) -> dict:
     entry = layout.entry()
     return {"mode": layout.mode, "group": entry.get("group"), "library": entry.get("library"),
             "kept": entry.get("kept")}
+
+
+@contextmanager
+def float16_held(buffers: dict[str, torch.Tensor], names: Iterable[str]) -> Iterator[None]:
+    """While inside, the float16 buffers `names` of a module's `buffers` are presented as int16 views, so the
+    dtype casts of `module._apply` (`to(dtype)`, `.half()`, `.float()`) skip them while device moves and
+    `to_empty` still apply; the bit patterns are untouched either way."""
+    names = [n for n in names if n in buffers and buffers[n] is not None]
+    for name in names:
+        buffers[name] = buffers[name].view(torch.int16)
+    try:
+        yield
+    finally:
+        for name in names:
+            buffers[name] = buffers[name].view(torch.float16)
+
+
+def dtype_after(fn, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a float tensor of `dtype` has after `fn`, one of `module._apply`'s functions: how a module
+    whose output dtype is an attribute follows the casts a dense weight would see."""
+    return fn(torch.empty(0, dtype=dtype)).dtype
 
 
 class StoredMatrix(nn.Module):
@@ -139,18 +162,10 @@ class StoredMatrix(nn.Module):
         return packed
 
     def _apply(self, fn, recurse: bool = True):
-        # Present the float16 parts as int16 so dtype casts (`to(dtype)`, `.half()`) skip them; device
-        # moves and `to_empty` still apply. The bit patterns are untouched either way. A tied module holds
-        # no parts: its source moves them.
-        float16 = [name for part, (dtype, _) in self.layout.tensors().items()
-                   if dtype == torch.float16 and (name := buffer_name(part)) in self._buffers]
-        for name in float16:
-            self._buffers[name] = self._buffers[name].view(torch.int16)
-        try:
+        # The float16 parts keep their dtype (float16_held). A tied module holds no parts: its source moves them.
+        float16 = [buffer_name(part) for part, (dtype, _) in self.layout.tensors().items() if dtype == torch.float16]
+        with float16_held(self._buffers, float16):
             return super()._apply(fn, recurse)
-        finally:
-            for name in float16:
-                self._buffers[name] = self._buffers[name].view(torch.float16)
 
     def _layout_repr(self) -> str:
         entry = self.layout.entry()
@@ -160,4 +175,4 @@ class StoredMatrix(nn.Module):
         return f"bits={self.bits}, outliers={self.n_outliers}{extra}{tied}"
 
 
-__all__ = ["BUFFER_PREFIX", "StoredMatrix", "buffer_name", "layout_kwargs"]
+__all__ = ["BUFFER_PREFIX", "StoredMatrix", "buffer_name", "dtype_after", "float16_held", "layout_kwargs"]

@@ -117,6 +117,7 @@ def _load() -> ctypes.CDLL:
         gemv, decode = getattr(lib, f"xfp_{mode}_gemv"), getattr(lib, f"xfp_{mode}_decode")
         gemv.argtypes, gemv.restype = [ctypes.c_int, p, p, i64, i64, p, i64], ctypes.c_int
         decode.argtypes, decode.restype = [ctypes.c_int, p, i64, i64, p, i64], ctypes.c_int
+    lib.xfp_f16_gemv.argtypes, lib.xfp_f16_gemv.restype = [ctypes.c_int, p, i64, i64, p, i64, i64, p, i64], ctypes.c_int
     return lib
 
 
@@ -393,6 +394,39 @@ def runner(packed: Packed, state: State) -> Callable[[torch.Tensor, "torch.Tenso
     return run
 
 
-__all__ = ["DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "decode_rows", "gemv",
+def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: [..., cols] float32/bfloat16/float16 on the CPU, weight: [rows, cols] float16 (a dense matrix kept at
+    its stored precision) -> x @ weight.float().T: [..., rows] in x's dtype, computed in float32.
+
+    Up to FUSED_MAX_M rows of x: `xfp_f16_gemv` converts the float16 weights in registers (the float32 copy of
+    the matrix never exists), each output a float32 dot product of length cols (error within
+    `(cols + 16) * 2**-24 * sum_c |x_c| |w[r, c]|`, tested). More rows: float32 tiles of `tile_rows` rows
+    (exact conversions) through torch.mm, as the tiled XFP path."""
+    rows, cols = weight.shape
+    if weight.dtype != torch.float16 or x.shape[-1] != cols:
+        raise ValueError(f"weight must be float16 [rows, {x.shape[-1]}], got {weight.dtype} {list(weight.shape)}")
+    shape, dtype = x.shape, x.dtype
+    x = x.to(torch.float32).contiguous()
+    weight = weight.contiguous()
+    m = x.numel() // cols
+    if m <= FUSED_MAX_M:
+        y = torch.empty(*shape[:-1], rows, dtype=torch.float32)
+        if library().xfp_f16_gemv(ISAS[isa()], weight.data_ptr(), rows, cols, x.data_ptr(), m, cols, y.data_ptr(),
+                                  rows) != 0:
+            raise RuntimeError(f"the float16 gemv refused its arguments ({rows}x{cols}, {m} rows of x)")
+    else:
+        step = min(rows, tile_rows(cols, m))
+        tile = torch.empty(step, cols, dtype=torch.float32)
+        yt = torch.empty(rows, m, dtype=torch.float32)
+        xt = x.view(m, cols).t()
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            tile[: r1 - r0].copy_(weight[r0:r1])
+            torch.mm(tile[: r1 - r0], xt, out=yt[r0:r1])
+        y = yt.t().contiguous().view(*shape[:-1], rows)
+    return y if dtype is torch.float32 else y.to(dtype)
+
+
+__all__ = ["half_linear", "DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "decode_rows", "gemv",
            "indices_at", "isa", "library", "linear", "prepare", "prepare_any", "prepare_v2a", "runner", "supported_isas", "supports",
            "tiled", "unavailable_reason"]

@@ -177,4 +177,22 @@ int xfp_v2a_decode(int isa, const xfp::V2aMatrix* w, int64_t r0, int64_t r1, flo
   return 0;
 }
 
+// ---- dense float16 ------------------------------------------------------------------------------------
+
+// y[i * ldy + r] = sum_c float(w[r * cols + c]) * x[i * ldx + c] for i < m, r < rows: a dense float16
+// matrix (w: float16 bit patterns, row-major, contiguous) times float32 activations, computed in float32.
+// Returns 0, or -1 on bad arguments.
+int xfp_f16_gemv(int isa, const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t m, int64_t ldx,
+                 float* y, int64_t ldy) {
+  const xfp::IsaKernels* k = xfp::usable(isa);
+  if (!k || !w || rows < 1 || cols < 1 || m < 0 || ldx < cols || ldy < rows) return -1;
+  at::parallel_for(0, rows, xfp::grain_rows(int32_t(std::min<int64_t>(cols, INT32_MAX))), [&](int64_t r0, int64_t r1) {
+    for (int64_t i0 = 0; i0 < m; i0 += xfp::kMaxM) {
+      const int n = int(std::min<int64_t>(xfp::kMaxM, m - i0));
+      k->half_gemv(w, cols, x + i0 * ldx, ldx, n, y + i0 * ldy, ldy, r0, r1);
+    }
+  });
+  return 0;
+}
+
 }  // extern "C"

@@ -106,10 +106,26 @@ void v2a_decode_rows(const V2aMatrix& w, float* out, int64_t ldo, int64_t r0, in
   }
 }
 
+void half_gemv(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+               int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = w + r * cols;
+    for (int i = 0; i < m; ++i) {
+      const float* xi = x + i * ldx;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      int64_t c = 0;
+      for (; c + 4 <= cols; c += 4)
+        for (int k = 0; k < 4; ++k) acc[k] += half_to_float(row[c + k]) * xi[c + k];
+      for (; c < cols; ++c) acc[0] += half_to_float(row[c]) * xi[c];
+      y[i * ldy + r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+  }
+}
+
 }  // namespace
 
 IsaKernels scalar_kernels() {
-  return {1, {1, 1, 1, 1, 1, 1, 1, 1, 1}, gemv_rows, decode_rows, v2a_gemv_rows, v2a_decode_rows};
+  return {1, {1, 1, 1, 1, 1, 1, 1, 1, 1}, gemv_rows, decode_rows, v2a_gemv_rows, v2a_decode_rows, half_gemv};
 }
 
 }  // namespace xfp

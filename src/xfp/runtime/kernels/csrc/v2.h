@@ -6,6 +6,7 @@
 // permute/gather) and multiplies them into x, then adds the row's outlier corrections.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace xfp {
@@ -25,6 +26,7 @@ struct V2Matrix {
 };
 
 constexpr int kMaxM = 4;  // activation rows one pass over the codes serves
+constexpr int64_t kHalfAhead = 8;  // rows a dense float16 product prefetches ahead of the ones it computes
 
 // Activations laid out for one ISA and width. `xs` [m, xs_stride] is x zero-padded and, inside blocks of
 // `phases * lanes` columns, permuted phase-major: xs[blk*P*L + s*L + k] = x[blk*P*L + k*P + s]. That is the
@@ -85,6 +87,11 @@ using V2aGemvRowsFn = void (*)(const V2aMatrix& w, const V2aActivations& act, fl
                                int64_t r1);
 using V2aDecodeRowsFn = void (*)(const V2aMatrix& w, float* out, int64_t ldo, int64_t r0, int64_t r1);
 
+// A dense float16 matrix (a tied embedding kept at its stored precision): y[i * ldy + r] =
+// sum_c float(w[r * cols + c]) * x[i * ldx + c] for i < m (1..kMaxM) and r in [r0, r1), float32 FMAs.
+using HalfGemvRowsFn = void (*)(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, int m, float* y,
+                                int64_t ldy, int64_t r0, int64_t r1);
+
 struct IsaKernels {
   int lanes;         // L of the x layout
   int phases[9];     // P of the x layout, by bits
@@ -92,6 +99,7 @@ struct IsaKernels {
   DecodeRowsFn decode;
   V2aGemvRowsFn v2a_gemv;      // needs group % (lanes * phases[bits]) == 0 (api.cpp falls back to scalar)
   V2aDecodeRowsFn v2a_decode;  // needs group % lanes == 0
+  HalfGemvRowsFn half_gemv;    // any cols
 };
 
 IsaKernels scalar_kernels();
@@ -191,6 +199,30 @@ inline void v2a_overwrite_row(const V2aMatrix& w, int64_t r, float* o) {
   for (int32_t k = w.ol_rowptr[r]; k < w.ol_rowptr[r + 1]; ++k) o[w.ol_col[k]] = w.ol_val[k];
   const float* kw = w.kept_w + r * int64_t(w.kept);
   for (int32_t j = 0; j < w.kept; ++j) o[w.kept_cols[j]] = kw[j];
+}
+
+// A dense float16 product over rows [r0, r1) for m activation rows (1..kMaxM): four rows at a time, then one
+// by one, each block prefetching the rows up to kHalfAhead further on (never past r1). K::rows<NM, R>(w,
+// cols, x, ldx, y, ldy, r, ahead) computes rows r..r+R-1 (the ISA's own code); a row's result does not
+// depend on the block it is in.
+template <class K, int NM>
+inline void half_gemv_blocks(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, float* y, int64_t ldy,
+                             int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4)
+    K::template rows<NM, 4>(w, cols, x, ldx, y, ldy, r, std::min<int64_t>(kHalfAhead, r1 - r - 4));
+  for (; r < r1; ++r) K::template rows<NM, 1>(w, cols, x, ldx, y, ldy, r, 0);
+}
+
+template <class K>
+inline void half_gemv_rows(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, int m, float* y,
+                           int64_t ldy, int64_t r0, int64_t r1) {
+  switch (m) {
+    case 1: return half_gemv_blocks<K, 1>(w, cols, x, ldx, y, ldy, r0, r1);
+    case 2: return half_gemv_blocks<K, 2>(w, cols, x, ldx, y, ldy, r0, r1);
+    case 3: return half_gemv_blocks<K, 3>(w, cols, x, ldx, y, ldy, r0, r1);
+    default: return half_gemv_blocks<K, 4>(w, cols, x, ldx, y, ldy, r0, r1);
+  }
 }
 
 }  // namespace xfp
