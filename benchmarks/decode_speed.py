@@ -392,7 +392,7 @@ def llama_cpp_markdown(rows: list[dict]) -> list[str]:
              "The same prompt and token count through llama-cpp-python's `create_completion` (greedy, EOS "
              "forbidden by a logit bias) at the same thread count, interleaved with the runs above. 'own' = the "
              "model's published GGUF, which is XFP's source (KL 0 by definition); Q4_K_M / Q3_K_M = llama.cpp's "
-             "own quantizer on that source's float32 weights, no imatrix, token embedding and output kept F32 "
+             "own quantizer on that source's float32 weights, no imatrix, token embedding and output kept F16 "
              "like the default XFP folder (`benchmarks/llamacpp_quality.py`).", "",
              "| model | threads | XFP tok/s | XFP+emb tok/s | " + " | ".join(f"llama.cpp {k} tok/s" for k in labels)
              + " | " + " | ".join(f"XFP / {k}" for k in labels if k != "own") + " |",

@@ -10,7 +10,8 @@ What it does:
 1. writes the source GGUF back out with every tensor dequantized to F32 (gguf package; same metadata,
    same tensor names and layout, so llama.cpp sees exactly the weights xfp's methods start from);
 2. quantizes that F32 file with llama.cpp's own `llama_model_quantize` to each type, without an imatrix,
-   keeping the token embedding (and output) tensors F32, as the xfp methods keep them;
+   keeping the token embedding (and output) tensors unquantized in F16, as XFP's default folder stores them
+   (and, since `xfp.runtime.half`, holds them in memory), so both sides read the same dense bytes per token;
 3. scores each file with llama.cpp (`logits_all`) on the same windows as `xfp compare` (same token ids,
    same BOS policy), against the same reference (the transformers source model, float32): ppl, KL,
    top-1, in one pass. An "llama.cpp-F32" row shows the runtime's own difference from transformers;
@@ -94,12 +95,12 @@ def write_f32_gguf(src: Path, dst: Path) -> None:
 
 
 def quantize(llama_cpp, f32: Path, out: Path, type_name: str, threads: int) -> float:
-    """llama.cpp's quantizer, no imatrix, embeddings and output kept F32; returns seconds."""
+    """llama.cpp's quantizer, no imatrix, token embedding and output kept F16; returns seconds."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
     params.nthread = threads
-    params.token_embedding_type = llama_cpp.GGML_TYPE_F32
-    params.output_tensor_type = llama_cpp.GGML_TYPE_F32
+    params.token_embedding_type = llama_cpp.GGML_TYPE_F16
+    params.output_tensor_type = llama_cpp.GGML_TYPE_F16
     began = time.perf_counter()
     code = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
     if code != 0:
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         bits, stored, weights, types = honest_bits(path, names)
         s = scores[name]
         rows.append({"method": name, "family": "llama.cpp",
-                     "about": f"llama.cpp {type_name}, no imatrix, embeddings F32 ({', '.join(f'{k} x{v}' for k, v in sorted(types.items()))})",
+                     "about": f"llama.cpp {type_name}, no imatrix, embeddings F16 ({', '.join(f'{k} x{v}' for k, v in sorted(types.items()))})",
                      "honest_bits": bits, "stored_bytes": stored, "weights": weights, "ppl": s.ppl,
                      "delta_ppl": s.ppl - base.ppl, "kl": s.kl, "top1": s.top1, "quantize_s": seconds,
                      "eval_s": s.seconds, "garbage": None, "garbage_passed": None})
