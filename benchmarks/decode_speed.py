@@ -101,7 +101,8 @@ def weight_bytes_per_step(model: nn.Module) -> int:
         if isinstance(module, XFPLinear):
             total += sum(b.numel() * b.element_size() for b in module.stored.values())
         elif isinstance(module, HalfLinear):
-            total += module.half_weight().numel() * module.half_weight().element_size()
+            weight = module.half_weight()
+            total += weight.numel() * weight.element_size()
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total
@@ -188,7 +189,8 @@ RESULTS_ALIAS = {"default": "smollm2", "gemma": "gemma-270m"}
 
 def llama_cpp_files(name: str, gguf: Path) -> dict[str, Path]:
     """label -> GGUF llama.cpp decodes: the model's own file ('own'), then each of KQUANTS that
-    benchmarks/llamacpp_quality.py left in out/results/<alias>/ (embeddings F32, like the default XFP folder)."""
+    benchmarks/llamacpp_quality.py left in out/results/<alias>/ (embedding and output F16, like the default
+    XFP folder)."""
     from llamacpp_quality import RESULTS, gguf_of_type  # same folder
 
     files = {"own": gguf}

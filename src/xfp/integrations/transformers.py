@@ -213,6 +213,15 @@ def _module_path(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def _checkpoint_key(model: nn.Module, name: str, stored: Mapping[str, Any]) -> str | None:
+    """The checkpoint's name for the model's state-dict entry `name` (with or without the base-model prefix)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for key in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        if key in stored:
+            return key
+    return None
+
+
 def _find_layer(model: nn.Module, name: str, where: Path) -> tuple[str, nn.Module]:
     """The nn.Linear or nn.Embedding stored matrix `name` replaces; XFPError for any other module."""
     path = _module_path(model, name)
@@ -272,11 +281,10 @@ class _Tie:
 def plan_ties(model: nn.Module, targets: list[_Target], stored: Mapping[str, Any], where: Path) -> list[_Tie]:
     """The tied pairs with a quantized side, and how each partner loads (see `_Tie`).
 
-    stored: every tensor name of the checkpoint (e.g. check_headers' result). XFPError when a partner to
+    stored: every tensor name of the checkpoint (e.g. check_headers' first result). XFPError when a partner to
     become a view is neither an nn.Linear nor an nn.Embedding, or is not the owner's shape.
     """
     quantized = {t.module_path for t in targets}
-    prefix = getattr(model, "base_model_prefix", "") or ""
     ties = []
     for target_key, source_key in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
         sides = [base_name(target_key), base_name(source_key)]
@@ -285,8 +293,7 @@ def plan_ties(model: nn.Module, targets: list[_Target], stored: Mapping[str, Any
         owner, partner = sides if sides[0] in quantized else sides[::-1]
         if partner in quantized:
             how = "quantized"
-        elif {f"{partner}.weight", f"{prefix}.{partner}.weight",
-              f"{partner}.weight".removeprefix(f"{prefix}.")} & set(stored):
+        elif _checkpoint_key(model, f"{partner}.weight", stored) is not None:
             how = "dense"
         else:
             how = "view"
@@ -323,15 +330,16 @@ def untie(model: nn.Module, keys: set[str]) -> None:
                 module.all_tied_weights_keys = dict(kept)
 
 
-def check_headers(files: list[Path], targets: list[_Target]) -> dict[str, Path]:
+def check_headers(files: list[Path], targets: list[_Target]) -> tuple[dict[str, Path], dict[str, tuple[str, list[int]]]]:
     """Check every stored part's presence, dtype and shape from the safetensors headers (no data read).
 
-    Also every file's `xfp` header metadata (format version, matrix list). Returns {tensor name: file} for
-    every tensor of the files.
+    Also every file's `xfp` header metadata (format version, matrix list). Returns ({tensor name: file} for
+    every tensor of the files, {name: (safetensors dtype, shape)} of every dense tensor: not an XFP part).
     """
     expected = {tensor_name(t.name, part): (t, dtype, shape)
                 for t in targets for part, (dtype, shape) in t.layout.tensors().items()}
     file_of: dict[str, Path] = {}
+    dense: dict[str, tuple[str, list[int]]] = {}
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt")
@@ -343,6 +351,8 @@ def check_headers(files: list[Path], targets: list[_Target]) -> dict[str, Path]:
             for key in f.keys():
                 file_of[key] = path
                 if _PART_MARKER not in key:
+                    tensor = f.get_slice(key)
+                    dense[key] = (tensor.get_dtype(), list(tensor.get_shape()))
                     continue
                 if key not in expected:
                     raise FormatError(path, key, "looks like part of a quantized matrix that "
@@ -364,7 +374,7 @@ def check_headers(files: list[Path], targets: list[_Target]) -> dict[str, Path]:
     for key in expected:
         if key not in file_of:
             raise FormatError(folder, key, "is missing from the checkpoint (quantization_config.matrices lists it)")
-    return file_of
+    return file_of, dense
 
 
 def _replace(model: nn.Module, target: _Target) -> StoredMatrix:
@@ -483,31 +493,6 @@ def _plain_torch_defaults() -> Iterator[None]:
         torch.set_default_dtype(dtype)
 
 
-def dense_headers(file_of: Mapping[str, Path]) -> dict[str, tuple[str, list[int]]]:
-    """{name: (safetensors dtype, shape)} of every dense tensor of the checkpoint (not an XFP part), from the
-    headers (no data read). file_of: {tensor name: file}, as check_headers returns."""
-    by_file: dict[Path, list[str]] = {}
-    for key, path in file_of.items():
-        if _PART_MARKER not in key:
-            by_file.setdefault(path, []).append(key)
-    out = {}
-    for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            for key in keys:
-                tensor = f.get_slice(key)
-                out[key] = (tensor.get_dtype(), list(tensor.get_shape()))
-    return out
-
-
-def _checkpoint_key(model: nn.Module, name: str, stored: Mapping[str, Any]) -> str | None:
-    """The checkpoint's name for the model's state-dict entry `name` (with or without the base-model prefix)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    for key in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
-        if key in stored:
-            return key
-    return None
-
-
 def check_dense_shapes(model: nn.Module, dense: Mapping[str, tuple[str, list[int]]],
                        file_of: Mapping[str, Path]) -> None:
     """FormatError naming the file and tensor for a dense checkpoint tensor whose shape is not the shape of
@@ -538,7 +523,7 @@ def keep_float16_dense(model: nn.Module, dense: Mapping[str, tuple[str, list[int
     embedding's) become a `HalfEmbedding` / `HalfLinear` (`xfp.runtime.half`) whose float16 buffer
     transformers fills as stored (it loads into a buffer's own dtype): no widened copy ever exists, half the
     memory, and the lm_head reads half the bytes per step. A tied pair stays tied (`HalfLinear.tied`) and
-    leaves transformers' tying. dense: the checkpoint's dense tensors (`dense_headers`). Returns the
+    leaves transformers' tying. dense: the checkpoint's dense tensors (check_headers' second result). Returns the
     state-dict names of the float16 buffers."""
     paths = {id(m): p for p, m in model.named_modules()}
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -612,12 +597,11 @@ class XFPHfQuantizer(HfQuantizer):
         entries = matrix_entries(self.quantization_config.matrices, self._folder / "config.json")
         prepare_experts(model, entries, self._folder)  # fused routed experts -> per-expert linears (xfp.moe)
         self._targets = resolve_targets(model, entries, self._folder)
-        self._file_of = check_headers(files, self._targets)
+        self._file_of, dense = check_headers(files, self._targets)
         self._ties = plan_ties(model, self._targets, self._file_of, self._folder)
         untie(model, {key for tie in self._ties for key in tie.keys})
         for target in self._targets:
             _replace(model, target)
-        dense = dense_headers(self._file_of)
         check_dense_shapes(model, dense, self._file_of)
         if _on_cpu_only(kwargs.get("device_map")):
             self._float16_dense = keep_float16_dense(model, dense)
@@ -658,12 +642,12 @@ class XFPHfQuantizer(HfQuantizer):
             else:
                 log.warning("XFP: %s is tied to %s, but the checkpoint stores them as different quantized matrices; "
                             "each keeps its own, no longer tied", twin_at, kept_at)
-        prefix = getattr(model, "base_model_prefix", "") or ""
-        dense = dict(model.named_parameters())
-        dense.update((n, b) for n, b in model.named_buffers() if n in self._float16_dense)
-        for name, param in dense.items():
+        floating = dict(model.named_parameters())
+        floating.update((n, b) for n, b in model.named_buffers() if n in self._float16_dense)
+        for name, param in floating.items():
             if param.is_floating_point() and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
-                path = self._file_of.get(name) or self._file_of.get(f"{prefix}.{name}") or self._folder
+                key = _checkpoint_key(model, name, self._file_of)
+                path = self._file_of[key] if key is not None else self._folder
                 raise FormatError(path, name, "values must be finite (no NaN/Inf)")
         return model
 
@@ -699,5 +683,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["QUANT_METHOD", "MatrixEntry", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_dense_shapes", "check_headers", "dense_headers", "keep_float16_dense", "matrix_entries",
+__all__ = ["QUANT_METHOD", "MatrixEntry", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_dense_shapes", "check_headers", "keep_float16_dense", "matrix_entries",
            "plan_ties", "quantized_folder", "register", "resolve_targets", "untie"]

@@ -345,17 +345,25 @@ def tile_rows(cols: int, m: int) -> int:
     return max(16, nbytes // (4 * cols) // 16 * 16)
 
 
-def tiled(x: torch.Tensor, packed: Packed, state: State, isa_name: str) -> torch.Tensor:
-    """x: [m, cols] float32 contiguous -> [m, rows] float32, by decoded tiles and torch.mm."""
-    step = min(packed.rows, tile_rows(packed.cols, x.shape[0]))
-    tile = torch.empty(step, packed.cols, dtype=torch.float32)
-    yt = torch.empty(packed.rows, x.shape[0], dtype=torch.float32)  # y transposed: row blocks are contiguous
+def by_tiles(x: torch.Tensor, rows: int, fill: Callable[[int, int, torch.Tensor], None]) -> torch.Tensor:
+    """x: [m, cols] float32 contiguous -> x @ W.T: [m, rows] float32, W never whole: fill(r0, r1, tile) writes
+    W[r0:r1] as float32 into tile[: r1 - r0] (a `tile_rows`-row buffer), which torch.mm multiplies, block
+    after block."""
+    m, cols = x.shape
+    step = min(rows, tile_rows(cols, m))
+    tile = torch.empty(step, cols, dtype=torch.float32)
+    yt = torch.empty(rows, m, dtype=torch.float32)  # y transposed: row blocks are contiguous
     xt = x.t()
-    for r0 in range(0, packed.rows, step):
-        r1 = min(packed.rows, r0 + step)
-        decode_rows(packed, state, r0, r1, tile, isa_name)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        fill(r0, r1, tile)
         torch.mm(tile[: r1 - r0], xt, out=yt[r0:r1])
     return yt.t().contiguous()
+
+
+def tiled(x: torch.Tensor, packed: Packed, state: State, isa_name: str) -> torch.Tensor:
+    """x: [m, cols] float32 contiguous -> [m, rows] float32, by decoded tiles and torch.mm."""
+    return by_tiles(x, packed.rows, lambda r0, r1, tile: decode_rows(packed, state, r0, r1, tile, isa_name))
 
 
 def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, state: State) -> torch.Tensor:
@@ -401,7 +409,7 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Up to FUSED_MAX_M rows of x: `xfp_f16_gemv` converts the float16 weights in registers (the float32 copy of
     the matrix never exists), each output a float32 dot product of length cols (error within
     `(cols + 16) * 2**-24 * sum_c |x_c| |w[r, c]|`, tested). More rows: float32 tiles of `tile_rows` rows
-    (exact conversions) through torch.mm, as the tiled XFP path."""
+    (exact conversions) through torch.mm (`by_tiles`, as the tiled XFP path)."""
     rows, cols = weight.shape
     if weight.dtype != torch.float16 or x.shape[-1] != cols:
         raise ValueError(f"weight must be float16 [rows, {x.shape[-1]}], got {weight.dtype} {list(weight.shape)}")
@@ -415,18 +423,11 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                                   rows) != 0:
             raise RuntimeError(f"the float16 gemv refused its arguments ({rows}x{cols}, {m} rows of x)")
     else:
-        step = min(rows, tile_rows(cols, m))
-        tile = torch.empty(step, cols, dtype=torch.float32)
-        yt = torch.empty(rows, m, dtype=torch.float32)
-        xt = x.view(m, cols).t()
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            tile[: r1 - r0].copy_(weight[r0:r1])
-            torch.mm(tile[: r1 - r0], xt, out=yt[r0:r1])
-        y = yt.t().contiguous().view(*shape[:-1], rows)
+        y = by_tiles(x.view(m, cols), rows, lambda r0, r1, tile: tile[: r1 - r0].copy_(weight[r0:r1]))
+        y = y.view(*shape[:-1], rows)
     return y if dtype is torch.float32 else y.to(dtype)
 
 
-__all__ = ["half_linear", "DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "decode_rows", "gemv",
+__all__ = ["DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "by_tiles", "decode_rows", "gemv", "half_linear",
            "indices_at", "isa", "library", "linear", "prepare", "prepare_any", "prepare_v2a", "runner", "supported_isas", "supports",
            "tiled", "unavailable_reason"]

@@ -474,7 +474,7 @@ void v2a_decode_rows(const V2aMatrix& w, float* out, int64_t ldo, int64_t r0, in
 // Dense float16 rows: R rows at a time, 16 columns a step (vcvtph2ps, one FMA per activation row); the
 // last partial step by masked loads. R * NM independent accumulators hide the FMA latency. The rows
 // `ahead` further on are prefetched meanwhile: one core streams a matrix from memory about 1.5x faster
-// with it (measured on the Intel machine of docs/PERFORMANCE.md, cold cache).
+// with it (scratch A/B on the Intel machine of docs/PERFORMANCE.md, cold cache; see its notes).
 struct HalfRows {
   template <int NM, int R>
   static void rows(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, float* y, int64_t ldy,
