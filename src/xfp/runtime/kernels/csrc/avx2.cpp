@@ -146,7 +146,9 @@ void gemv_rows_t(const V2Matrix& w, const Activations& a, float* y, int64_t ldy,
   const Unpacker<B> u;
   Luts<B> l;
   float out[NM];
+  const int64_t ahead = prefetch_distance(w.row_bytes);
   for (int64_t r = r0; r < r1; ++r) {
+    if (r + ahead < r1) prefetch_row(w, r + ahead);
     load_luts<B>(w.codebook + (r << B), l);
     const uint8_t* row = w.codes + r * w.row_bytes;
     if constexpr (B == 2 || B == 4)
@@ -238,7 +240,9 @@ void v2a_gemv_rows_t(const V2aMatrix& w, const V2aActivations& a, float* y, int6
   const int64_t chunks = (w.cols + S::cols - 1) / S::cols;
   alignas(8) uint8_t tail[8];
   float out[NM];
+  const int64_t ahead = prefetch_distance(w.row_bytes);
   for (int64_t r = r0; r < r1; ++r) {
+    if (r + ahead < r1) prefetch_row(w, r + ahead);
     const uint8_t* row = w.codes + r * w.row_bytes;
     const uint8_t* sc = w.scale + r * w.groups;
     const uint8_t* ids = w.ids ? w.ids + r * w.groups : nullptr;
