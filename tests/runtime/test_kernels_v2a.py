@@ -173,6 +173,19 @@ def test_kept_columns_replace_the_decoded_values(isa):
     check(y, x, packed)
 
 
+@pytest.mark.parametrize("kept", [0, 1, 15, 16, 17, 40])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_many_kept_columns(isa, bits, kept):
+    """Kept columns enter the vector kernels as a dense product with x gathered at them, whole vectors at a
+    time: counts below, at and past one vector, and a row's kept values ending mid-vector."""
+    packed = random_v2a(29, 256, bits, 64, kept=kept, n_outliers=40, seed=kept + bits)
+    state, oracle = cpu.prepare_v2a(packed), Oracle(packed)
+    g = torch.Generator().manual_seed(kept)
+    for m in (1, 3, 5):
+        x = torch.randn(m, 256, generator=g)
+        oracle.check(cpu.linear(x, packed, None, state), x)
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_threads_do_not_change_the_result(bits):
     packed = random_v2a(301, 1111, bits, 64, library=2, kept=6, n_outliers=500, seed=bits)

@@ -62,6 +62,82 @@ void interleave(const float* src, float* dst, int64_t cols, int64_t stride, int6
         if (b + kk * P + s < cols) dst[b + s * lanes + kk] = src[b + kk * P + s];
 }
 
+// One GEMV call: x laid out for the matrix's kernel (and, V2a, zeroed on the kept columns and summed per
+// group, and gathered at the kept columns), and where the rows go.
+class GemvJob {
+ public:
+  void prepare(const IsaKernels* k, const V2Matrix* w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
+    set(k, x, m, ldx, y, ldy, w->rows, w->cols, k->phases[w->bits]);
+    v2_ = w;
+    for (int64_t i = 0; i < m; ++i) interleave(x + i * ldx, xs_.data() + i * stride_, cols_, stride_, phases_, lanes_);
+  }
+
+  void prepare(const IsaKernels* k, const V2aMatrix* w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
+    set(k, x, m, ldx, y, ldy, w->rows, w->cols, k->phases[w->bits]);
+    v2a_ = w;
+    const int64_t G = w->group;
+    groups_ = w->groups;
+    xsum_.assign(size_t(m * groups_), 0.f);
+    kept_stride_ = (w->kept + kKeptPad - 1) / kKeptPad * kKeptPad;
+    xkept_.assign(size_t(m * kept_stride_), 0.f);
+    std::vector<float> xk(static_cast<size_t>(cols_));  // x with the kept columns zeroed
+    for (int64_t i = 0; i < m; ++i) {
+      std::copy(x + i * ldx, x + i * ldx + cols_, xk.data());
+      for (int32_t j = 0; j < w->kept; ++j) {
+        xkept_[size_t(i * kept_stride_ + j)] = xk[size_t(w->kept_cols[j])];
+        xk[size_t(w->kept_cols[j])] = 0.f;
+      }
+      for (int64_t g = 0; g < groups_; ++g) {
+        double sum = 0.0;  // one rounding: the offsets' products see float32(exact group sum)
+        for (int64_t c = g * G; c < std::min(cols_, (g + 1) * G); ++c) sum += xk[size_t(c)];
+        xsum_[size_t(i * groups_ + g)] = float(sum);
+      }
+      interleave(xk.data(), xs_.data() + i * stride_, cols_, stride_, phases_, lanes_);
+    }
+  }
+
+  // Every row, split over torch's threads; each row computed by one thread.
+  void run() const {
+    if (m_ == 0) return;
+    at::parallel_for(0, rows_, grain_rows(int32_t(cols_)), [&](int64_t r0, int64_t r1) { compute(r0, r1); });
+  }
+
+ private:
+  void compute(int64_t r0, int64_t r1) const {
+    for (int64_t i0 = 0; i0 < m_; i0 += per_pass_) {
+      const int n = int(std::min<int64_t>(per_pass_, m_ - i0));
+      if (v2_) {
+        const Activations act{xs_.data() + i0 * stride_, stride_, x_ + i0 * ldx_, ldx_, n};
+        k_->gemv(*v2_, act, y_ + i0 * ldy_, ldy_, r0, r1);
+      } else {
+        const V2aActivations act{xs_.data() + i0 * stride_, stride_, xsum_.data() + i0 * groups_, groups_,
+                                 x_ + i0 * ldx_, ldx_, xkept_.data() + i0 * kept_stride_, kept_stride_, n};
+        k_->v2a_gemv(*v2a_, act, y_ + i0 * ldy_, ldy_, r0, r1);
+      }
+    }
+  }
+
+  void set(const IsaKernels* k, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy, int64_t rows,
+           int64_t cols, int64_t phases) {
+    k_ = k, x_ = x, m_ = m, ldx_ = ldx, y_ = y, ldy_ = ldy, rows_ = rows, cols_ = cols;
+    phases_ = phases, lanes_ = k->lanes;
+    const int64_t block = phases_ * lanes_;
+    stride_ = (cols + block - 1) / block * block;  // x zero-padded to whole blocks
+    xs_.assign(size_t(m * stride_), 0.f);
+    // activation rows per pass over the codes: as many as keep their x in L1 (re-read for every matrix row)
+    per_pass_ = std::clamp<int64_t>(kL1Bytes / (stride_ * int64_t(sizeof(float))), 1, kMaxM);
+  }
+
+  const IsaKernels* k_ = nullptr;
+  const V2Matrix* v2_ = nullptr;
+  const V2aMatrix* v2a_ = nullptr;
+  const float* x_ = nullptr;
+  float* y_ = nullptr;
+  int64_t m_ = 0, ldx_ = 0, ldy_ = 0, rows_ = 0, cols_ = 0, phases_ = 1, lanes_ = 1, stride_ = 0, per_pass_ = 1;
+  int64_t groups_ = 0, kept_stride_ = 0;
+  std::vector<float> xs_, xsum_, xkept_;
+};
+
 }  // namespace
 }  // namespace xfp
 
@@ -84,23 +160,9 @@ static bool valid(const xfp::V2Matrix* w) {
 int xfp_v2_gemv(int isa, const xfp::V2Matrix* w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
   const xfp::IsaKernels* k = xfp::usable(isa);
   if (!k || !valid(w) || m < 0 || ldx < w->cols || ldy < w->rows) return -1;
-  if (m == 0) return 0;
-  // x in the ISA's lane order, zero-padded to whole blocks.
-  const int64_t P = k->phases[w->bits], lanes = k->lanes, block = P * lanes, cols = w->cols;
-  const int64_t stride = (cols + block - 1) / block * block;
-  std::vector<float> xs(size_t(m * stride), 0.f);
-  for (int64_t i = 0; i < m; ++i) {
-    xfp::interleave(x + i * ldx, xs.data() + i * stride, cols, stride, P, lanes);
-  }
-  // Activation rows per pass over the codes: as many as keep their x in L1 (re-read for every matrix row).
-  const int64_t per_pass = std::clamp<int64_t>(xfp::kL1Bytes / (stride * int64_t(sizeof(float))), 1, xfp::kMaxM);
-  at::parallel_for(0, w->rows, xfp::grain_rows(w->cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t i0 = 0; i0 < m; i0 += per_pass) {
-      const int n = int(std::min<int64_t>(per_pass, m - i0));
-      const xfp::Activations act{xs.data() + i0 * stride, stride, x + i0 * ldx, ldx, n};
-      k->gemv(*w, act, y + i0 * ldy, ldy, r0, r1);
-    }
-  });
+  xfp::GemvJob job;
+  job.prepare(k, w, x, m, ldx, y, ldy);
+  job.run();
   return 0;
 }
 
@@ -136,33 +198,9 @@ static const xfp::IsaKernels* v2a_kernels(const xfp::IsaKernels* k, const xfp::V
 int xfp_v2a_gemv(int isa, const xfp::V2aMatrix* w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) {
   const xfp::IsaKernels* k = xfp::usable(isa);
   if (!k || !valid_v2a(w) || m < 0 || ldx < w->cols || ldy < w->rows) return -1;
-  if (m == 0) return 0;
-  k = v2a_kernels(k, w, true);
-  const int64_t P = k->phases[w->bits], lanes = k->lanes, block = P * lanes, cols = w->cols;
-  const int64_t stride = (cols + block - 1) / block * block;
-  const int64_t groups = w->groups, G = w->group;
-  std::vector<float> xs(size_t(m * stride), 0.f), xsum(size_t(m * groups), 0.f);
-  std::vector<float> xk(size_t(m * cols));  // x with the kept columns zeroed
-  for (int64_t i = 0; i < m; ++i) {
-    float* xi = xk.data() + i * cols;
-    std::copy(x + i * ldx, x + i * ldx + cols, xi);
-    for (int32_t j = 0; j < w->kept; ++j) xi[w->kept_cols[j]] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      double sum = 0.0;  // one rounding: the offsets' products see float32(exact group sum)
-      for (int64_t c = g * G; c < std::min(cols, (g + 1) * G); ++c) sum += xi[c];
-      xsum[size_t(i * groups + g)] = float(sum);
-    }
-    xfp::interleave(xi, xs.data() + i * stride, cols, stride, P, lanes);
-  }
-  const int64_t per_pass = std::clamp<int64_t>(xfp::kL1Bytes / (stride * int64_t(sizeof(float))), 1, xfp::kMaxM);
-  at::parallel_for(0, w->rows, xfp::grain_rows(w->cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t i0 = 0; i0 < m; i0 += per_pass) {
-      const int n = int(std::min<int64_t>(per_pass, m - i0));
-      const xfp::V2aActivations act{xs.data() + i0 * stride, stride, xsum.data() + i0 * groups, groups,
-                                    x + i0 * ldx, ldx, n};
-      k->v2a_gemv(*w, act, y + i0 * ldy, ldy, r0, r1);
-    }
-  });
+  xfp::GemvJob job;
+  job.prepare(v2a_kernels(k, w, true), w, x, m, ldx, y, ldy);
+  job.run();
   return 0;
 }
 

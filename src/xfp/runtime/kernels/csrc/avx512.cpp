@@ -323,13 +323,21 @@ void v2a_gemv_scaled(const V2aMatrix& w, const V2aActivations& a, float* y, int6
           v2a_chunk<B, NM, NS>(p, a.xs + c * S::cols, a.xs_stride, l, u, acc[0]);
       }
     }
+    // the kept columns: their values times x there, into the accumulators (xkept is zero-padded)
+    const float* kw = w.kept_w + r * int64_t(w.kept);
+    for (int32_t j = 0; j < w.kept; j += L) {  // the mask keeps the last row's read inside kept_w
+      const __mmask16 in_row = w.kept - j >= L ? __mmask16(0xffff) : __mmask16((1u << (w.kept - j)) - 1u);
+      const __m512 kv = _mm512_maskz_loadu_ps(in_row, kw + j);
+      for (int i = 0; i < NM; ++i)
+        acc[0][i][0] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(a.xkept + i * a.xkept_stride + j), acc[0][i][0]);
+    }
     for (int i = 0; i < NM; ++i) {
       __m512 sum = acc[0][i][0];
       for (int s = 1; s < NS; ++s) sum = _mm512_add_ps(sum, acc[0][i][s]);
       for (int s = 0; s < NS && U == 2; ++s) sum = _mm512_add_ps(sum, acc[U - 1][i][s]);
       out[i] = _mm512_reduce_add_ps(sum);
     }
-    v2a_finish_row<NM, false>(w, a, r, out);  // the offsets are in the weights already
+    v2a_finish_row<NM, false, false>(w, a, r, out);  // the offsets and kept columns are in already
     for (int i = 0; i < NM; ++i) y[i * ldy + r] = out[i];
   }
 }

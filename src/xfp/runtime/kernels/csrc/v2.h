@@ -76,12 +76,16 @@ struct V2aMatrix {
 struct V2aActivations {
   const float* xs;
   int64_t xs_stride;
-  const float* xsum;  // [m, xsum_stride] xsum[i * xsum_stride + g]
+  const float* xsum;   // [m, xsum_stride] xsum[i * xsum_stride + g]
   int64_t xsum_stride;
-  const float* x;     // [m, ldx] natural layout
+  const float* x;      // [m, ldx] natural layout
   int64_t ldx;
-  int m;              // 1..kMaxM
+  const float* xkept;  // [m, xkept_stride] x at the kept columns, in kept_cols order, zero-padded to whole vectors
+  int64_t xkept_stride;
+  int m;               // 1..kMaxM
 };
+
+constexpr int64_t kKeptPad = 16;  // xkept_stride is a multiple of it (a vector kernel reads whole vectors)
 
 using V2aGemvRowsFn = void (*)(const V2aMatrix& w, const V2aActivations& act, float* y, int64_t ldy, int64_t r0,
                                int64_t r1);
@@ -176,8 +180,9 @@ inline void add_sparse(const float* vals, const int32_t* cols, int32_t n, const 
 }
 
 // The part of a V2a row's product that every ISA shares: offsets times group sums (unless the kernel put the
-// offsets into its weights), outlier corrections, kept columns. out[i] += ... for i < NM.
-template <int NM, bool kOffsets = true>
+// offsets into its weights), outlier corrections, kept columns (unless the kernel added them to its vectors:
+// a dense dot product of the row's kept values with x at those columns). out[i] += ... for i < NM.
+template <int NM, bool kOffsets = true, bool kKept = true>
 inline void v2a_finish_row(const V2aMatrix& w, const V2aActivations& a, int64_t r, float* out) {
   const uint8_t* off = w.offset + r * w.groups;
   for (int i = 0; i < NM && kOffsets; ++i) {  // four independent sums: no chain of one FMA latency per group
@@ -191,7 +196,17 @@ inline void v2a_finish_row(const V2aMatrix& w, const V2aActivations& a, int64_t 
   }
   const int32_t o0 = w.ol_rowptr[r];
   add_sparse<NM>(w.ol_delta + o0, w.ol_col + o0, w.ol_rowptr[r + 1] - o0, a.x, a.ldx, out);
-  add_sparse<NM>(w.kept_w + r * int64_t(w.kept), w.kept_cols, w.kept, a.x, a.ldx, out);
+  if (!kKept) return;
+  const float* kw = w.kept_w + r * int64_t(w.kept);
+  for (int i = 0; i < NM; ++i) {
+    const float* xk = a.xkept + i * a.xkept_stride;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int32_t j = 0;
+    for (; j + 4 <= w.kept; j += 4)
+      for (int k = 0; k < 4; ++k) acc[k] += kw[j + k] * xk[j + k];
+    for (; j < w.kept; ++j) acc[0] += kw[j] * xk[j];
+    out[i] += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
 }
 
 // In a decode step a model's matrices stream from memory (together they outgrow the cache), and one core
@@ -230,6 +245,7 @@ XFP_INLINE void prefetch_row(const V2aMatrix& w, int64_t r) {
   prefetch_span(w.scale + r * w.groups, w.groups);
   prefetch_span(w.offset + r * w.groups, w.groups);
   if (w.ids) prefetch_span(w.ids + r * w.groups, w.groups);
+  prefetch_span(w.kept_w + r * w.kept, w.kept * int64_t(sizeof(float)));
 }
 
 // Writes a decoded row's outliers, then its kept columns (the format's order: the kept column wins).
