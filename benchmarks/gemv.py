@@ -331,6 +331,18 @@ NOTES = """## How the kernel works, and why this route
   would need integer arithmetic (int8 activations and codebooks, `vpshufb` lookups, VNNI dot products, as
   llama.cpp does), which changes the numerics: not done. On AVX2-only CPUs (two permutes + a blend per 8
   weights at 4 bits, gathers at 5-8 bits) the kernels are further from memory speed still.
+- In a decode step the picture changes: a model's matrices together (53 MB of codes for SmolLM2) outgrow
+  what the cache keeps between steps, so every row comes from memory, and one core computing a row is
+  faster than the hardware prefetchers fetching the next. The GEMV row loops therefore prefetch the row
+  2 KB of codes ahead (with its scales, offsets and kept values), for rows of up to 2 KB (wider rows, as
+  4096x11008's 5.5 KB, ran 10-40% slower prefetched whole and are left to the hardware, which follows a
+  long run within a row well; 11008x4096's 2 KB rows gained 10-25%). Scratch A/B on the Intel machine, the
+  210 decoder matrices of SmolLM2's default folder called in model order through the C entry points:
+  9.1 ms without, 6.5 ms with at one thread (the same 60 matrices of one shape, 27 MB, ran at the
+  in-cache rate either way); at two threads 3.6-3.8 ms either way. In the step table below, SmolLM2's
+  'decoder matrices' at one thread took 14.9 ms in the previous run on this machine, before the prefetch.
+  Kept columns (V2a: ~6 per row on SmolLM2, ~11 on Gemma) enter the AVX-512 kernel as one masked dense
+  vector product per row with x gathered at them once per call, no longer one indirect load per value.
 - Whether memory bandwidth grows with the second thread depends on the VM (the bandwidth table above says
   it for this run; on an earlier Intel VM it did not). When other work occupies a core, an OpenMP region
   waits for a time slice: with a load average above
@@ -346,10 +358,16 @@ NOTES = """## How the kernel works, and why this route
   column of its rows with the default folder's), which is what separates the two XFP columns on SmolLM2; at
   two threads the single-threaded `rest` weighs more. Gemma-3-270M's tied embedding (262144x640, 335 MB in
   float16, 671 MB in float32) is most of its step in the default folder, so there XFP+emb is the one that
-  can reach 2x. What would move it next: fewer
-  Python calls per layer (a compiled or fused decoder layer). A joint kernel call for the matrices that
-  read one input (q/k/v, gate/up) was tried and dropped: in a scratch A/B (not kept) it saved 2-6% of
-  those matrices' time, about 1% of a step. Per XFPLinear call the runtime costs ~9 us of Python beyond
+  can reach 2x. At two threads the matrices' time halves but `rest` does not, which caps the ratio at
+  `fp32 step / (rest + lm_head + the matrices' bare C time)` even with no Python between kernels (the 210
+  SmolLM2 matrices take ~3.6 ms at two threads called straight through the C entry points): 2.1x in one run
+  on this machine, 2.4x in another, `rest` being what varies most between runs. Beyond that, two threads
+  need a faster `rest` (a compiled or fused
+  decoder layer), not faster matrices. A joint kernel call for the matrices that read one input
+  (q/k/v, gate/up) was tried twice and dropped: in scratch A/Bs (not kept) it saved 2-6% of those
+  matrices' time, about 1% of a step, at one or two threads; the joint call's own bookkeeping (checking
+  every member's stored tensors, keeping the others' outputs for their call) costs about what the saved
+  calls did. Per XFPLinear call the runtime costs ~9 us of Python beyond
   the kernel when one matrix is called in a tight loop: ~7 us for the module call and the cached fast
   path's checks (the kernel and instruction-set overrides, ~1.8 us of it, every stored tensor's identity
   and in-place version), ~1.3 us for the output's `torch.empty`, ~1.1 us for the ctypes call. Swapping
