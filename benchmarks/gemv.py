@@ -299,7 +299,8 @@ NOTES = """## How the kernel works, and why this route
   multiplied by its scale (`scale_table[code]`) and `sum_g offset_table[code_g] * xsum_g` adds the
   offsets. Either way a weight enters as its unrounded `e*s + o` (the format's W_hat rounds it to float16;
   the bound below covers that). Outliers add `(value - (e*s + o)) * x[col]`, kept columns
-  `kept[r, j] * x[col_j]` (prepared once per matrix, float32). G must be a multiple of the ISA's chunk
+  `kept[r, j] * x[col_j]` (values prepared once per matrix, float32; x gathered at those columns once per
+  call, so each row's kept part is a dense dot product). G must be a multiple of the ISA's chunk
   (16..64 columns; the writer's 64, 128 and 256 are); other group sizes take the portable kernel.
 - **Prefill (batch > 8)**: blocks of rows are decoded exactly into a float32 tile (1 MiB, in L2, for
   small batches; 8 MiB for >= 64 rows, where BLAS efficiency matters more than the decode) and multiplied
