@@ -336,7 +336,7 @@ NOTES = """## How the kernel works, and why this route
   what the cache keeps between steps, so every row comes from memory, and one core computing a row is
   faster than the hardware prefetchers fetching the next. The GEMV row loops therefore prefetch the row
   2 KB of codes ahead (with its scales, offsets and kept values), for rows of up to 2 KB (wider rows, as
-  4096x11008's 5.5 KB, ran 10-40% slower prefetched whole and are left to the hardware, which follows a
+  4096x11008's 5.5 KB, ran 10-45% slower prefetched whole and are left to the hardware, which follows a
   long run within a row well; 11008x4096's 2 KB rows gained 10-25%). Scratch A/B on the Intel machine, the
   210 decoder matrices of SmolLM2's default folder called in model order through the C entry points:
   9.1 ms without, 6.5 ms with at one thread (the same 60 matrices of one shape, 27 MB, ran at the

@@ -212,15 +212,15 @@ inline void v2a_finish_row(const V2aMatrix& w, const V2aActivations& a, int64_t 
 // In a decode step a model's matrices stream from memory (together they outgrow the cache), and one core
 // computes a row faster than the hardware prefetchers bring the next ones in. So each GEMV row loop asks for
 // the row kPrefetchBytes of codes ahead of the one it computes (its codes, and a V2a row's scales, offsets,
-// library ids and kept values; a prefetch never faults, and stays inside the thread's own rows). Scratch A/B on the
-// Intel machine of docs/PERFORMANCE.md, all 210 decoder matrices of SmolLM2's default folder called in model
-// order at 1 thread (53 MB of codes): 9.1 ms without, 6.5 ms with (1-4 KB ahead all within noise of
-// this); 2 threads: 3.6-3.8 ms either way. The rerunnable effect is PERFORMANCE.md's decode step table.
+// library ids and kept values; a prefetch never faults, and stays inside the thread's own rows). Scratch
+// A/B on the Intel machine of docs/PERFORMANCE.md, all 210 decoder matrices of SmolLM2's default folder
+// called in model order at 1 thread (53 MB of codes): 9.1 ms without, 6.5 ms with (1-4 KB ahead all within
+// noise of this); 2 threads: 3.6-3.8 ms either way. The rerunnable effect is PERFORMANCE.md's step table.
 constexpr int64_t kPrefetchBytes = 2048;
 
 // Rows between the one being computed and the one to prefetch. Rows wider than kPrefetchBytes are left to the
 // hardware prefetchers (a long run within a row is what they follow well): prefetching such a row whole at
-// once, 5.5 KB on 4096x11008, made that GEMV 10-40% slower at one thread (scratch A/B, benchmarks/gemv.py's
+// once, 5.5 KB on 4096x11008, made that GEMV 10-45% slower at one thread (scratch A/B, benchmarks/gemv.py's
 // matrices), while 2 KB rows (11008x4096) gained 10-25%.
 inline int64_t prefetch_distance(int64_t row_bytes) {
   if (row_bytes > kPrefetchBytes) return int64_t(1) << 40;  // never reached: no prefetch
