@@ -302,9 +302,12 @@ NOTES = """## How the kernel works, and why this route
   `kept[r, j] * x[col_j]` (values prepared once per matrix, float32; x gathered at those columns once per
   call, so each row's kept part is a dense dot product). G must be a multiple of the ISA's chunk
   (16..64 columns; the writer's 64, 128 and 256 are); other group sizes take the portable kernel.
-- **Prefill (batch > 8)**: blocks of rows are decoded exactly into a float32 tile (1 MiB, in L2, for
-  small batches; 8 MiB for >= 64 rows, where BLAS efficiency matters more than the decode) and multiplied
-  by `torch.mm`.
+- **Prefill (batch > 8)**: blocks of rows are decoded exactly into a float32 tile and multiplied by
+  `torch.mm`. The tile is 1 MiB (in L2) on one thread below 32 rows of x, where decoding bounds the time;
+  8 MiB otherwise. With 1 MiB tiles at two threads, BLAS computed each small product on one thread: in a
+  scratch A/B of 4096x4096 V2a at m = 16, two threads took 6.2 ms with 1 MiB tiles and 4.2 ms with 8 MiB
+  (fp32 4.5 ms). At one thread 1 MiB stays the faster below m = 32 (6.5 against 7.5 ms), and from 32 rows
+  on 8 MiB wins (9.5 against 10.9 ms at m = 32).
 - **Dense float16 matrices** (the embedding an XFP folder keeps unquantized, and a tied lm_head reading it;
   `xfp.runtime.half`): they stay float16 in memory instead of being widened to the model's float32, and the
   lm_head's GEMV converts 16 weights per `vcvtph2ps` in registers and meets x in one FMA, four rows at a

@@ -91,6 +91,20 @@ def test_many_tiles(isa, monkeypatch):
     check(cpu.linear(x, packed, None, cpu.prepare(packed)), x, packed)
 
 
+def test_tile_size_follows_rows_and_threads():
+    """The small (L2) tile serves one thread below TILE_LARGE_M rows of x; more rows or threads get the large."""
+    small, large = (b // (4 * 1000) // 16 * 16 for b in cpu.TILE_BYTES)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu.tile_rows(1000, cpu.TILE_LARGE_M - 1) == small
+        assert cpu.tile_rows(1000, cpu.TILE_LARGE_M) == large
+        torch.set_num_threads(2)
+        assert cpu.tile_rows(1000, cpu.FUSED_MAX_M + 1) == large
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 6])
 def test_outliers_anywhere(isa, bits):
     """Outliers in the first and last column, a row made only of outliers, rows without any."""

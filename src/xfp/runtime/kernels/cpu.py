@@ -7,8 +7,8 @@ W_hat is never materialised. Batch rows are handled in two ways:
   to 6 bits, a gather for 8) and multiplies them into every activation row, then adds the row's outlier
   corrections `(value - codebook[r, index]) * x[col]` (precomputed once per matrix by `prepare`);
 - more rows (prefill): blocks of `tile_rows` matrix rows are decoded exactly into a float32 tile that stays
-  in cache (1 MiB; 8 MiB from 64 rows on, where BLAS efficiency matters more), and multiplied with
-  `torch.mm` (BLAS), block after block. The decoded matrix never exists whole.
+  in cache (1 MiB on one thread below 32 rows of x; else 8 MiB, where BLAS efficiency matters more), and
+  multiplied with `torch.mm` (BLAS), block after block. The decoded matrix never exists whole.
 
 Numerics (tested in tests/runtime/test_kernels.py): products and sums are float32. With
 `s[r] = sum_c |x[c]| * (|W_hat[r, c]| + |codebook[r, index(r, c)]|)` and `u = 2**-24`, every output of the
@@ -62,11 +62,12 @@ FUSED_MAX_M = 8
 """Activation rows up to which the fused kernel runs; above it, decoded tiles go through torch.mm."""
 
 TILE_BYTES = (1 << 20, 8 << 20)
-"""Bytes of one decoded float32 tile in the prefill path: (below TILE_LARGE_M rows of x, from it on).
-Small batches are bound by decoding, so the tile stays in L2; large ones by BLAS, which runs better (its
-per-call packing of x amortised) on taller tiles (measured: docs/PERFORMANCE.md)."""
+"""Bytes of one decoded float32 tile in the prefill path: (small, large). The small tile serves one thread
+below TILE_LARGE_M rows of x: bound by decoding, it stays in L2. Larger batches are bound by BLAS, which runs
+better on taller tiles (its per-call packing of x amortised); and with more threads BLAS leaves a small
+tile's product to one of them (measured: docs/PERFORMANCE.md, the prefill table)."""
 
-TILE_LARGE_M = 64
+TILE_LARGE_M = 32
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Input dtypes the kernels take (computed in float32)."""
@@ -340,8 +341,9 @@ def decode_rows(packed: Packed, state: State, r0: int, r1: int, out: torch.Tenso
 
 
 def tile_rows(cols: int, m: int) -> int:
-    """Matrix rows per decoded tile for m activation rows: TILE_BYTES of float32, a multiple of 16, >= 16."""
-    nbytes = TILE_BYTES[m >= TILE_LARGE_M]
+    """Matrix rows per decoded tile for m activation rows at torch's thread count: TILE_BYTES of float32, a
+    multiple of 16, >= 16."""
+    nbytes = TILE_BYTES[m >= TILE_LARGE_M or torch.get_num_threads() > 1]
     return max(16, nbytes // (4 * cols) // 16 * 16)
 
 
