@@ -312,8 +312,8 @@ NOTES = """## How the kernel works, and why this route
   `xfp.runtime.half`): they stay float16 in memory instead of being widened to the model's float32, and the
   lm_head's GEMV converts 16 weights per `vcvtph2ps` in registers and meets x in one FMA, four rows at a
   time, prefetching the rows 8 further on (a scratch A/B on the Intel machine, 49152x576 after a 256 MB
-  write, not kept: one core read 9.8 GB/s without it, 15.5 GB/s with it); the sums are float32, so only the order of the additions differs from `F.linear` on the
-  widened weight (bound `(cols + 16) * 2^-24 * sum_c |x_c| |w_c|`, tests/runtime/test_half.py).
+  write, not kept: one core read 9.8 GB/s without it, 15.5 GB/s with it); the sums are float32, so only
+  the order of the additions differs from `F.linear` on the widened weight (bound `(cols + 16) * 2^-24 * sum_c |x_c| |w_c|`, tests/runtime/test_half.py).
 - **Numerics**: float32 products and sums. Bound tested (tests/runtime/test_kernels.py) for every width,
   instruction set and odd shape: `|y - x @ W_hat.T| <= (cols + 2*outliers_in_row + 16) * 2^-24 *
   sum_c |x_c| (|W_hat[r,c]| + |codebook[r, idx(r,c)]|)`; V2a (tests/runtime/test_kernels_v2a.py):

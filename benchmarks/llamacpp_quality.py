@@ -21,8 +21,9 @@ What it does:
 Honest bits: the bytes llama.cpp stores for the same tensors xfp quantizes (attention and MLP matrices;
 k-quant mixes give some of them more bits, e.g. Q4_K_M puts attn_v / half of ffn_down at Q6_K, and rows
 whose width is not a multiple of 256, as SmolLM2's 576, fall back to other block types) * 8 / their
-weights; for XFP, its report's `quantized_honest_bits` over the same tensors. Writes llamacpp.json (rows in `xfp compare`'s format) into --out; benchmarks/results.py
-adds those rows to the tables when the file is there.
+weights; for XFP, its report's `quantized_honest_bits` over the same tensors. Writes llamacpp.json (rows
+in `xfp compare`'s format) into --out; benchmarks/results.py adds those rows to the tables when the file
+is there.
 """
 
 from __future__ import annotations

@@ -683,5 +683,6 @@ def register() -> None:
 
 register()
 
-__all__ = ["QUANT_METHOD", "MatrixEntry", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_dense_shapes", "check_headers", "keep_float16_dense", "matrix_entries",
-           "plan_ties", "quantized_folder", "register", "resolve_targets", "untie"]
+__all__ = ["QUANT_METHOD", "MatrixEntry", "XFPConfig", "XFPHfQuantizer", "cache_key", "check_dense_shapes",
+           "check_headers", "keep_float16_dense", "matrix_entries", "plan_ties", "quantized_folder", "register",
+           "resolve_targets", "untie"]

@@ -430,6 +430,6 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y if dtype is torch.float32 else y.to(dtype)
 
 
-__all__ = ["DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "by_tiles", "decode_rows", "gemv", "half_linear",
-           "indices_at", "isa", "library", "linear", "prepare", "prepare_any", "prepare_v2a", "runner", "supported_isas", "supports",
-           "tiled", "unavailable_reason"]
+__all__ = ["DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "by_tiles",
+           "decode_rows", "gemv", "half_linear", "indices_at", "isa", "library", "linear", "prepare", "prepare_any",
+           "prepare_v2a", "runner", "supported_isas", "supports", "tiled", "unavailable_reason"]
