@@ -12,6 +12,11 @@ the source is the float32 Hugging Face folder the package fetches. All variants 
   embedding is stored like any matrix, and a tied lm_head multiplies with it through the fused kernel, so
   the step no longer reads the dense lm_head (the largest matrix of a small model; in the default folder it
   is the float16 embedding as stored, read by the fused float16 GEMV, `xfp.runtime.half`);
+- compiled (unless `--no-compile`): XFP and source float32 again, each a second copy of the model whose
+  decode steps `generate` compiles with torch.compile (inductor) and a static KV cache
+  (`xfp.evaluate.generation.compile_decode_steps`, what `xfp generate --compile` does): the model's own
+  per-step code (norms, rotary embedding, cache updates, ~300 small ops a step) fused by inductor, each XFP
+  module one opaque operator (`xfp.runtime.opaque`). Compiling takes ~0.5-1 minute per model, once;
 - optional, never in CI: llama.cpp through llama-cpp-python, if it imports, on the model's own GGUF and on
   the k-quants (Q4_K_M, Q3_K_M) that benchmarks/llamacpp_quality.py made of it, where that script has run
   (its out/results/<model>/llamacpp.json also gives their KL and XFP's on the same windows).
@@ -22,6 +27,7 @@ as matmuls, e.g. a tied lm_head), the thing that bounds batch-1 decode on a CPU,
 goes (decoder matrices, lm_head, the rest).
 
 Usage: python benchmarks/decode_speed.py [--models default gemma] [--threads 1 2] [--tokens 64] [--quick]
+[--no-compile]
 """
 
 from __future__ import annotations
@@ -267,7 +273,8 @@ def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int):
 def measure(runners: dict, n: int, reps: int) -> dict[str, float]:
     """Decode tokens/s of each runner (callable(n) -> seconds), repetitions interleaved."""
     for run in runners.values():
-        run(2)  # warm-up (and kernel build / numba JIT, if any)
+        run(1)  # warm-up (kernel build, compiling for both cache sizes timed below)
+        run(n)
     full = {k: [] for k in runners}
     one = {k: [] for k in runners}
     for _ in range(reps):
@@ -278,8 +285,9 @@ def measure(runners: dict, n: int, reps: int) -> dict[str, float]:
     return {k: (n - 1) / max(1e-9, pick(full[k]) - pick(one[k])) for k in runners}
 
 
-def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference: bool) -> list[dict]:
-    from xfp.evaluate.generation import load_model
+def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference: bool,
+                compiled: bool) -> list[dict]:
+    from xfp.evaluate.generation import compile_decode_steps, load_model
     from xfp.runtime.kernels import cpu
 
     label, gguf, hf = model_paths(name)
@@ -290,7 +298,13 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
     src16, _ = load_model(hf)
     src16 = src16.to(torch.bfloat16)
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    agree = sum(a == b for a, b in zip(first_tokens(xfp_model, ids, 32), first_tokens(src32, ids, 32)))
+    xfp_tokens = first_tokens(xfp_model, ids, 32)
+    agree = sum(a == b for a, b in zip(xfp_tokens, first_tokens(src32, ids, 32)))
+    twins = {}
+    if compiled:  # second copies: compile_decode_steps changes how their `generate` runs
+        twins = {"xfp_compiled": load_model(folder)[0], "fp32_compiled": load_model(hf)[0]}
+        for model in twins.values():
+            compile_decode_steps(model)
     mb = {"xfp": weight_bytes_per_step(xfp_model), "xfp_emb": weight_bytes_per_step(xfp_emb),
           "fp32": weight_bytes_per_step(src32),
           "bf16": weight_bytes_per_step(src16)}
@@ -312,6 +326,8 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
 
         runners = {"xfp": xfp_run, "xfp_emb": xfp_emb_run, "fp32": lambda k: generate_seconds(src32, ids, k),
                    "bf16": lambda k: generate_seconds(src16, ids, k)}
+        for key, model in twins.items():
+            runners[key] = lambda k, model=model: generate_seconds(model, ids, k)
         llama = {}
         for file_label, path in llama_cpp_files(name, gguf).items():
             run = llama_cpp_runner(path, t, n_ctx=ids.shape[1] + n + 8)
@@ -325,6 +341,9 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
                                                    ("bf16", src16))}
         row = {"model": label, "threads": t, "tokens": n, "agree": agree, "gguf": gguf.name, "mb": mb,
                "isa": cpu.isa(), "parts": parts, **tps}
+        if twins:
+            row["compiled_agree"] = sum(a == b for a, b in zip(first_tokens(twins["xfp_compiled"], ids, 32),
+                                                               xfp_tokens))
         if llama_tps:
             row["llama_cpp"] = llama_tps
             row["llama_cpp_quality"] = llama_cpp_quality(name)
@@ -337,6 +356,7 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
               "".join(f", llama.cpp {k} {v:.1f} tok/s" for k, v in llama_tps.items()) +
               f"; xfp/fp32 {tps['xfp'] / tps['fp32']:.2f}x, xfp/bf16 {tps['xfp'] / tps['bf16']:.2f}x, "
               f"xfp_emb/fp32 {tps['xfp_emb'] / tps['fp32']:.2f}x; "
+              + (f"compiled xfp/fp32 {tps['xfp_compiled'] / tps['fp32_compiled']:.2f}x; " if twins else "") +
               f"weights/step MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in mb.items()) +
               f"; first 32 greedy tokens equal to fp32: {agree}/32", flush=True)
     return rows
@@ -369,6 +389,20 @@ def markdown(rows: list[dict]) -> str:
             cells.append(f"{r['xfp_reference']:.2f}" if "xfp_reference" in r else "-")
         cells += [" / ".join(f"{r['mb'][k] / 1e6:.0f}" for k in ("xfp", "xfp_emb", "fp32", "bf16")), str(r["agree"])]
         lines.append("| " + " | ".join(cells) + " |")
+    compiled = [r for r in rows if "xfp_compiled" in r]
+    if compiled:
+        lines += ["", "Compiled decode steps (`xfp generate --compile`: torch.compile with inductor and a static KV "
+                  "cache, `compile_decode_steps`; the prompt's prefill stays eager), the same prompt and tokens, "
+                  "interleaved with the runs above:", "",
+                  "| model | threads | XFP compiled tok/s | fp32 compiled tok/s | compiled XFP vs compiled fp32 | "
+                  "compiled XFP vs eager fp32 | compiled vs eager XFP | compiled fp32 vs eager fp32 | "
+                  "greedy tokens = eager XFP (of 32) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in compiled:
+            lines.append(f"| {r['model']} | {r['threads']} | {r['xfp_compiled']:.1f} | {r['fp32_compiled']:.1f} | "
+                         f"**{r['xfp_compiled'] / r['fp32_compiled']:.2f}x** | {r['xfp_compiled'] / r['fp32']:.2f}x | "
+                         f"{r['xfp_compiled'] / r['xfp']:.2f}x | {r['fp32_compiled'] / r['fp32']:.2f}x | "
+                         f"{r['compiled_agree']} |")
     lines += ["", "Where a decode step's time goes (ms; matrices and lm_head measured apart from the model, on "
               "[1, 1, in] inputs; rest = step - both: attention, norms, embedding, `generate`):", "",
               "| model | threads | variant | step ms | decoder matrices ms | lm_head ms | rest ms |",
@@ -396,14 +430,19 @@ def llama_cpp_markdown(rows: list[dict]) -> list[str]:
              "model's published GGUF, which is XFP's source (KL 0 by definition); Q4_K_M / Q3_K_M = llama.cpp's "
              "own quantizer on that source's float32 weights, no imatrix, token embedding and output kept F16 "
              "like the default XFP folder (`benchmarks/llamacpp_quality.py`).", "",
-             "| model | threads | XFP tok/s | XFP+emb tok/s | " + " | ".join(f"llama.cpp {k} tok/s" for k in labels)
-             + " | " + " | ".join(f"XFP / {k}" for k in labels if k != "own") + " |",
-             "|---|---:|---:|---:|" + "---:|" * (len(labels) + sum(k != "own" for k in labels))]
+             "| model | threads | XFP tok/s | XFP+emb tok/s | XFP compiled tok/s | "
+             + " | ".join(f"llama.cpp {k} tok/s" for k in labels) + " | "
+             + " | ".join(f"XFP / {k} | XFP compiled / {k}" for k in labels if k != "own") + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * (len(labels) + 2 * sum(k != "own" for k in labels))]
     for r in rows:
-        speeds = r["llama_cpp"]
-        cells = [r["model"], str(r["threads"]), f"{r['xfp']:.1f}", f"{r['xfp_emb']:.1f}"]
+        speeds, best = r["llama_cpp"], r.get("xfp_compiled")
+        cells = [r["model"], str(r["threads"]), f"{r['xfp']:.1f}", f"{r['xfp_emb']:.1f}",
+                 "-" if best is None else f"{best:.1f}"]
         cells += [f"{speeds[k]:.1f}" if k in speeds else "-" for k in labels]
-        cells += [f"**{r['xfp'] / speeds[k]:.2f}x**" if k in speeds else "-" for k in labels if k != "own"]
+        for k in labels:
+            if k != "own":
+                cells += [f"**{r['xfp'] / speeds[k]:.2f}x**" if k in speeds else "-",
+                          f"**{best / speeds[k]:.2f}x**" if k in speeds and best is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     quality = {r["model"]: r["llama_cpp_quality"] for r in rows if r.get("llama_cpp_quality")}
     if quality:
@@ -427,6 +466,7 @@ def main(argv: list[str] | None = None, *, as_markdown: bool = False) -> str | N
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-reference", action="store_true", help="skip the XFP reference-kernel column")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled XFP and float32 columns")
     ap.add_argument("--quick", action="store_true", help="32 tokens, 2 repetitions")
     args = ap.parse_args(argv)
     n, reps = (32, 2) if args.quick else (args.tokens, args.reps)
@@ -434,7 +474,7 @@ def main(argv: list[str] | None = None, *, as_markdown: bool = False) -> str | N
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     rows = []
     for name in args.models:
-        rows += bench_model(name, args.threads, n, reps, not args.no_reference)
+        rows += bench_model(name, args.threads, n, reps, not args.no_reference, not args.no_compile)
     doc = markdown(rows)
     if as_markdown:
         return doc

@@ -366,15 +366,25 @@ NOTES = """## How the kernel works, and why this route
   `fp32 step / (rest + lm_head + the matrices' bare C time)` even with no Python between kernels (the 210
   SmolLM2 matrices take ~3.6 ms at two threads called straight through the C entry points): 2.1x in one run
   on this machine, 2.4x in another, `rest` being what varies most between runs. Beyond that, two threads
-  need a faster `rest` (a compiled or fused
-  decoder layer), not faster matrices. A joint kernel call for the matrices that read one input
+  need a faster `rest`, not faster matrices. The compiled rows are that (`xfp generate --compile`:
+  `compile_decode_steps`): inductor fuses the model's own per-step ops, so `rest` shrinks on both sides
+  (the 'compiled fp32 vs eager fp32' column), and each XFP module is one opaque operator call
+  (`xfp.runtime.opaque`) whose implementation is the eager forward. The compiled XFP step is then mostly its
+  matrices plus their per-call Python, ~8 us a call (the operator's dispatch ~2.5 us, the fast path's
+  checks ~2 us, the output's allocation and the ctypes call ~2.5 us): ~1.7 ms of a SmolLM2 step. Removing
+  it would take the kernels registered as C++ torch operators that inductor's generated code calls without
+  Python, not done. Guards on the model's modules are kept although skipping them (`guard_filter_fn`)
+  looked 1-3 ms a step faster in scratch runs (no clean A/B): the operator names its module by a handle baked into the graph, and
+  without those guards a compiled step served another model of the same class (caught by a benchmark
+  crash; tests/runtime/test_opaque.py now checks that each module gets its own call). A joint kernel call for the matrices that read one input
   (q/k/v, gate/up) was tried twice and dropped: in scratch A/Bs (not kept) it saved 2-6% of those
   matrices' time, about 1% of a step, at one or two threads; the joint call's own bookkeeping (checking
   every member's stored tensors, keeping the others' outputs for their call) costs about what the saved
   calls did. Per XFPLinear call the runtime costs ~9 us of Python beyond
   the kernel when one matrix is called in a tight loop: ~7 us for the module call and the cached fast
-  path's checks (the kernel and instruction-set overrides, ~1.8 us of it, every stored tensor's identity
-  and in-place version), ~1.3 us for the output's `torch.empty`, ~1.1 us for the ctypes call. Swapping
+  path's checks (the kernel and instruction-set overrides, ~1.8 us of it through `os.environ.get`, ~0.2 us
+  since `dispatch.environment_reader` reads `os.environ`'s own dict; every stored tensor's identity and
+  in-place version), ~1.3 us for the output's `torch.empty`, ~1.1 us for the ctypes call. Swapping
   those checks out of a whole decode (scratch A/B, not kept) changed tokens/s by less than the spread
   between two loads of the same model (about 9%), so they stay as they are. Over the 210 matrices of
   a SmolLM2 step, calling the modules took 2.5-3.7 ms more than calling the C entry points directly with

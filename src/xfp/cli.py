@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model")
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode steps with torch.compile and a static KV cache (the first call "
+                        "compiles for a minute or so; faster per token after)")
     e = sub.add_parser("eval", help="perplexity over fixed windows; with --source also KL and top-1 agreement")
     e.add_argument("model", help="XFP folder, HF folder, GGUF file, or smollm2 / gemma-270m")
     e.add_argument("--source", help="the source model (same kinds): adds KL(source || model) and top-1 agreement")
@@ -263,9 +266,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from xfp.evaluate.generation import load_model, greedy
+    from xfp.evaluate.generation import compile_decode_steps, greedy, load_model
 
     model, tokenizer = load_model(Path(args.model))
+    if args.compile:
+        compile_decode_steps(model)
     print(greedy(model, tokenizer, args.prompt, args.max_new_tokens))
     return 0
 

@@ -667,6 +667,12 @@ class XFPHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """XFP modules trace as one operator each under torch.compile (xfp.runtime.opaque), so `generate` may
+        compile decode steps (with a static cache and a `compile_config`)."""
+        return True
+
 
 def register() -> None:
     """Register quant_method "xfp" with transformers; idempotent (also across a reload of this module)."""

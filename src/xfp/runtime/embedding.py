@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from xfp.format.reference import Packed, PackedV2, PackedV2a, decode
+from xfp.runtime.opaque import OpaqueForward, register
 from xfp.runtime.stored import StoredMatrix, dtype_after, layout_kwargs
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -110,7 +111,7 @@ def decode_rows(packed: Packed, ids: torch.Tensor) -> torch.Tensor:
     return decode(select_rows(packed, rows))[inverse].reshape(*ids.shape, packed.cols)
 
 
-class XFPEmbedding(TokenLookup, StoredMatrix):
+class XFPEmbedding(OpaqueForward, TokenLookup, StoredMatrix):
     """y = W_hat[input_ids] (* scale), W_hat: [num_embeddings, embedding_dim] decoded from the stored parts.
 
     Buffers: those of `make_layout(mode, num_embeddings, embedding_dim, bits, n_outliers, ...)`, as
@@ -129,6 +130,7 @@ class XFPEmbedding(TokenLookup, StoredMatrix):
                          kept=kept, device=device, source=source)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self._set_output(padding_idx, scale, dtype)
+        self._opaque_handle = register(self)  # one operator under torch.compile (xfp.runtime.opaque)
 
     @classmethod
     def from_packed(cls, packed: Packed, *, dtype: torch.dtype | None = None, padding_idx: int | None = None,
@@ -149,8 +151,9 @@ class XFPEmbedding(TokenLookup, StoredMatrix):
         return cls(lay.rows, lay.cols, lay.bits, lay.n_outliers, padding_idx=padding_idx, scale=scale,
                    **layout_kwargs(lay), device="meta", dtype=dtype, source=source)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: [...] int32/int64, each in [0, num_embeddings) -> [..., embedding_dim] in `dtype`.
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [...] int32/int64, each in [0, num_embeddings) -> [..., embedding_dim] in `dtype` (the
+        forward).
 
         Raises TypeError for other id dtypes and IndexError for an id out of range, as nn.Embedding does."""
         self._check_ids(input_ids)
@@ -160,6 +163,9 @@ class XFPEmbedding(TokenLookup, StoredMatrix):
                 bad = low if low < 0 else high
                 raise IndexError(f"XFPEmbedding: index out of range: id {bad} is not in [0, {self.num_embeddings})")
         return self._output(decode_rows(self.packed(), input_ids))
+
+    def output_like(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids.new_empty((*input_ids.shape, self.embedding_dim), dtype=self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self._lookup_repr()}, {self._layout_repr()}, dtype={self.dtype}"

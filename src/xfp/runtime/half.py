@@ -27,6 +27,7 @@ from torch import nn
 from xfp.runtime import dispatch
 from xfp.runtime.embedding import TokenLookup
 from xfp.runtime.kernels import cpu as _cpu
+from xfp.runtime.opaque import OpaqueForward, register
 from xfp.runtime.stored import float16_held
 
 
@@ -58,7 +59,7 @@ class HalfEmbedding(TokenLookup):
         return f"{self._lookup_repr()}, stored=float16, dtype={self.dtype}"
 
 
-class HalfLinear(nn.Module):
+class HalfLinear(OpaqueForward, nn.Module):
     """y = x @ weight.float().T, weight: [out_features, in_features] float16, its own buffer or (tied) the
     weight of a HalfEmbedding. The output has x's dtype. No bias (an lm_head has none)."""
 
@@ -75,6 +76,7 @@ class HalfLinear(nn.Module):
             self.register_buffer("weight", weight)
         self.out_features, self.in_features = (weight if weight is not None else source.weight).shape
         self.bias = None
+        self._opaque_handle = register(self)  # one operator under torch.compile (xfp.runtime.opaque)
 
     @classmethod
     def tied(cls, embedding: HalfEmbedding) -> "HalfLinear":
@@ -89,13 +91,16 @@ class HalfLinear(nn.Module):
         """The float16 matrix this module multiplies with (its own, or its source's)."""
         return self._buffers["weight"] if self._source is None else self._source._buffers["weight"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] float -> [..., out_features] in x's dtype."""
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] float -> [..., out_features] in x's dtype (the forward)."""
         w = self.half_weight()
         if dispatch.select(x.device, x.dtype) is dispatch.CPU and w.is_cpu and not (
                 x.requires_grad and torch.is_grad_enabled()):
             return _cpu.half_linear(x, w)
         return F.linear(x, w.to(x.dtype))
+
+    def output_like(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], self.out_features))
 
     def _apply(self, fn, recurse: bool = True):
         with float16_held(self._buffers, ["weight"]):

@@ -20,10 +20,11 @@ from torch import nn
 
 from xfp.format.reference import Packed
 from xfp.runtime import dispatch
+from xfp.runtime.opaque import OpaqueForward, register
 from xfp.runtime.stored import BUFFER_PREFIX, StoredMatrix, buffer_name, layout_kwargs
 
 
-class XFPLinear(StoredMatrix):
+class XFPLinear(OpaqueForward, StoredMatrix):
     """y = x @ W_hat.T + bias, with W_hat: [out_features, in_features] decoded from the stored parts.
 
     Buffers: `make_layout(mode, out_features, in_features, bits, n_outliers, group=, library=).tensors()`,
@@ -53,6 +54,7 @@ class XFPLinear(StoredMatrix):
             self.register_parameter("bias", None)
         self._kernel_cache: dict = {}  # per-matrix kernel state (dispatch.state_for); not part of the state dict
         self._fast: dispatch.FastPath | None = None  # the CPU kernel's shortcut, remade when it no longer applies
+        self._opaque_handle = register(self)  # one operator under torch.compile (xfp.runtime.opaque)
 
     @classmethod
     def from_packed(cls, packed: Packed, bias: torch.Tensor | None = None) -> "XFPLinear":
@@ -81,8 +83,8 @@ class XFPLinear(StoredMatrix):
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] float -> [..., out_features] in x's dtype."""
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] float -> [..., out_features] in x's dtype (the forward)."""
         fast = self._fast
         if fast is not None:
             y = fast(x, self._parameters["bias"])
@@ -92,6 +94,9 @@ class XFPLinear(StoredMatrix):
         y = dispatch.linear(x, packed, self.bias, cache=self._kernel_cache)
         self._fast = dispatch.fast_path(self.stored, packed, x, self._kernel_cache)
         return y
+
+    def output_like(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self._layout_repr()}, "
