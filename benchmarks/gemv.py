@@ -278,9 +278,11 @@ NOTES = """## How the kernel works, and why this route
   per instruction set (portable C++, AVX2+FMA+F16C, AVX-512 F/BW/VL/DQ) built with its own `-m` flags, so one
   library serves every x86-64 CPU and the choice is made at run time (`XFP_CPU_ISA` forces one; tests run
   every one the CPU has). Rows are split over torch's own OpenMP pool through `at::parallel_for`, the only
-  torch header used, so `torch.set_num_threads` applies and no second thread pool competes for the cores.
-  The build needs only the machine's `c++` and torch's headers (no ninja, no pybind11): a few seconds,
-  cached under `$XFP_CACHE/kernels/` by a hash of sources, flags, compiler and torch.
+  torch header the kernels use, so `torch.set_num_threads` applies and no second thread pool competes for
+  the cores. One more unit (`ops.cpp`) registers the fused GEMV as the torch operator `xfp::fused_linear`,
+  the path of a decode step's XFPLinear calls once the module's kernel state is armed (see 'What limits
+  speed'). The build needs only the machine's `c++` and torch's headers and libraries (no ninja, no
+  pybind11): ~10 seconds, cached under `$XFP_CACHE/kernels/` by a hash of sources, flags, compiler and torch.
 - **Why not numba** (already a dependency): see the route table. The straightforward numba LUT kernel
   cannot express the in-register table lookup (`vpermps`/`vpermt2ps` on a row's codebook held in one or
   two registers) nor the `vpshufb`/`vpsrlvd` unpacking of 3/5/6-bit fields, so LLVM emits scalar lookups or
@@ -368,15 +370,12 @@ NOTES = """## How the kernel works, and why this route
   on this machine, 2.4x in another, `rest` being what varies most between runs. Beyond that, two threads
   need a faster `rest`, not faster matrices. The compiled rows are that (`xfp generate --compile`:
   `compile_decode_steps`): inductor fuses the model's own per-step ops, so `rest` shrinks on both sides
-  (the 'compiled fp32 vs eager fp32' column), and each XFP module is one opaque operator call
-  (`xfp.runtime.opaque`) whose implementation is the eager forward. The compiled XFP step is then mostly its
-  matrices plus their per-call Python, ~8 us a call (the operator's dispatch ~2.5 us, the fast path's
-  checks ~2 us, the output's allocation and the ctypes call ~2.5 us): ~1.7 ms of a SmolLM2 step. Removing
-  it would take the kernels registered as C++ torch operators that inductor's generated code calls without
-  Python, not done. Guards on the model's modules are kept although skipping them (`guard_filter_fn`)
-  looked 1-3 ms a step faster in scratch runs (no clean A/B): the operator names its module by a handle baked into the graph, and
-  without those guards a compiled step served another model of the same class (caught by a benchmark
-  crash; tests/runtime/test_opaque.py now checks that each module gets its own call). A joint kernel call for the matrices that read one input
+  (the 'compiled fp32 vs eager fp32' column), and each XFP module is one operator call
+  (`xfp.runtime.opaque`). Guards on the model's modules are kept whole (skipping them,
+  `skip_guard_on_all_nn_modules_unsafe`, let a compiled step serve another model of the same class, which
+  a benchmark crash showed; tests/runtime/test_opaque.py checks that each module gets its own call), except
+  those on the XFP stored tensors, which the operator checks itself (below). A joint kernel call for the
+  matrices that read one input
   (q/k/v, gate/up) was tried twice and dropped: in scratch A/Bs (not kept) it saved 2-6% of those
   matrices' time, about 1% of a step, at one or two threads; the joint call's own bookkeeping (checking
   every member's stored tensors, keeping the others' outputs for their call) costs about what the saved
@@ -386,10 +385,22 @@ NOTES = """## How the kernel works, and why this route
   since `dispatch.environment_reader` reads `os.environ`'s own dict; every stored tensor's identity and
   in-place version), ~1.3 us for the output's `torch.empty`, ~1.1 us for the ctypes call. Swapping
   those checks out of a whole decode (scratch A/B, not kept) changed tokens/s by less than the spread
-  between two loads of the same model (about 9%), so they stay as they are. Over the 210 matrices of
-  a SmolLM2 step, calling the modules took 2.5-3.7 ms more than calling the C entry points directly with
-  preallocated outputs (scratch measurement on the Intel machine, one thread): the Python of the
-  different modules does not stay in cache between kernels.
+  between two loads of the same model (about 9%). Over the 210 matrices of a SmolLM2 step, calling the
+  modules took 2.5-3.7 ms more than calling the C entry points directly with preallocated outputs
+  (scratch measurement on the Intel machine, one thread): the Python of the different modules does not
+  stay in cache between kernels. Hence `xfp::fused_linear` (`csrc/ops.cpp`): once the Python path has
+  prepared a module's kernel state, it *arms* the module's handle in C++ (a copy of the matrix's C view,
+  references to the state's tensors and to the stored tensors, their in-place versions, the overrides),
+  and from then on `XFPLinear.forward` passes float32 inputs of up to 8 rows straight to the operator with
+  the module's stored tensors. The operator checks in C++ what the fast path checked in Python (the same
+  tensor objects at the same versions, the same `XFP_KERNEL` and `XFP_CPU_ISA`, a float32 bias) and calls
+  the module's Python forward on any difference, so it computes the same bits
+  (tests/runtime/test_fused_operator.py, which fails if the version check is removed). Scratch A/B (two
+  loads of the default folder in one process, one with the operator switched off, runs interleaved, each
+  order tried): +7 to +13% tokens/s eager at one thread, +4 to +10% at two; compiled, +5 to +8% at two
+  threads. A compiled step passes the operator ~2700 stored tensors, each of which would get a guard
+  checked before every step; `compile_decode_steps` drops those guards (`without_stored_tensor_guards`),
+  since the operator checks the tensors itself.
 - The decode loop asks for exactly N tokens with a one-line logits processor that forbids end-of-sequence;
   transformers' `min_new_tokens` does the same by building and searching a vocabulary-sized mask every
   step, about 1 ms per step on SmolLM2's 49k vocabulary (torch.profiler, scratch run) for every model

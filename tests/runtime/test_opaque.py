@@ -81,7 +81,8 @@ def test_aot_eager_graph_of_a_small_block_matches_eager(dtype):
 
 
 def test_the_kernel_override_still_applies_inside_a_compiled_graph(monkeypatch):
-    """The operator runs the eager forward, which reads XFP_KERNEL on every call: nothing is baked in."""
+    """Both operators read XFP_KERNEL on every call: nothing is baked in. Traced before the module's first
+    eager call, the graph holds `xfp::module_forward`; after it, `xfp::fused_linear` (test_fused_operator.py)."""
     module, x = modules()["v2a"]
     compiled, graphs = recorded(module)
     monkeypatch.setenv(dispatch.ENV_VAR, "cpu")
@@ -89,7 +90,7 @@ def test_the_kernel_override_still_applies_inside_a_compiled_graph(monkeypatch):
         fused, eager_fused = compiled(x), module(x)
         monkeypatch.setenv(dispatch.ENV_VAR, "reference")
         reference = compiled(x)
-    assert len(graphs) == 1
+    assert 1 <= len(graphs) <= 2  # the first call arms the module: traced again with the C++ shortcut
     exact = dispatch.reference_linear(x, module.packed(), None)
     assert torch.equal(reference, exact)
     assert torch.equal(fused, eager_fused)

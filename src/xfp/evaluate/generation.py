@@ -58,15 +58,14 @@ def compile_decode_steps(model) -> None:
     """From now on `model.generate` runs its decode steps compiled by torch.compile (inductor), with a static
     KV cache, on any device (the CPU included). The prompt's prefill stays eager. The first generate call
     compiles (about half a minute for SmolLM2 on 2 cores) and a new prompt length or cache size may compile
-    again. XFP modules trace as one operator each (xfp.runtime.opaque).
-
-    torch.compile's guards are kept whole: skipping those on the model's modules (`guard_filter_fn`) looked
-    1-3 ms a step faster on SmolLM2 in scratch runs, but a compiled step could then serve another model of
-    the same class, whose XFP modules it would not call (each operator call names its module:
-    xfp.runtime.opaque)."""
+    again. Each XFP module is one operator call in the compiled step (xfp.runtime.opaque). Guards: all of
+    torch.compile's but those on XFP stored tensors, which `xfp::fused_linear` checks itself
+    (`without_stored_tensor_guards`)."""
     from transformers import CompileConfig
 
-    config = CompileConfig(mode="default")
+    from xfp.runtime.opaque import without_stored_tensor_guards
+
+    config = CompileConfig(mode=None, options={"guard_filter_fn": without_stored_tensor_guards})
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config

@@ -180,14 +180,16 @@ class FastPath:
     Its checks cost ~3 us a call, selection and state lookup ~20 us.
     """
 
-    __slots__ = ("_buffers", "_ids", "_versions", "_env", "_run")
+    __slots__ = ("_buffers", "_ids", "_versions", "_env", "_run", "state")
 
-    def __init__(self, buffers: dict, run: Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]) -> None:
+    def __init__(self, buffers: dict, run: Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor],
+                 state: Any = None) -> None:
         self._buffers = buffers
         self._ids = tuple(map(id, buffers.values()))
         self._versions = [t._version for t in buffers.values()]
         self._env = _overrides()
         self._run = run
+        self.state = state  # the CPU kernel's state for the matrix (what `_cpu.arm` hands to C++)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if x.dtype not in _cpu.DTYPES or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
@@ -209,7 +211,7 @@ def fast_path(buffers: dict, packed: Packed, x: torch.Tensor, cache: dict) -> Fa
         hit = cache.get(CPU.name)
         if hit is None or hit[0] != fingerprint(packed):
             return None
-        return FastPath(buffers, _cpu.runner(packed, hit[1]))
+        return FastPath(buffers, _cpu.runner(packed, hit[1]), hit[1])
     except (RuntimeError, ValueError):  # inference tensors keep no version counter; an unusable override
         return None
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from xfp.format.reference import Packed
 from xfp.runtime import dispatch
-from xfp.runtime.opaque import OpaqueForward, register
+from xfp.runtime.kernels import cpu as _cpu
+from xfp.runtime.opaque import OpaqueForward, disarm, register
 from xfp.runtime.stored import BUFFER_PREFIX, StoredMatrix, buffer_name, layout_kwargs
 
 
@@ -55,6 +56,7 @@ class XFPLinear(OpaqueForward, StoredMatrix):
         self._kernel_cache: dict = {}  # per-matrix kernel state (dispatch.state_for); not part of the state dict
         self._fast: dispatch.FastPath | None = None  # the CPU kernel's shortcut, remade when it no longer applies
         self._opaque_handle = register(self)  # one operator under torch.compile (xfp.runtime.opaque)
+        self._armed = False  # whether xfp::fused_linear may serve this module (its state armed in C++)
 
     @classmethod
     def from_packed(cls, packed: Packed, bias: torch.Tensor | None = None) -> "XFPLinear":
@@ -83,8 +85,20 @@ class XFPLinear(OpaqueForward, StoredMatrix):
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return module
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] float -> [..., out_features] in x's dtype.
+
+        Once the CPU kernel has served this module, float32 inputs go to `xfp::fused_linear`, which runs it
+        from C++ while everything it was armed with holds (xfp/runtime/kernels/csrc/ops.cpp) and `run`
+        otherwise; other inputs, or before that, `run` (as one operator under torch.compile)."""
+        if self._armed and x.dtype is torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+            return torch.ops.xfp.fused_linear(x, list(self.stored.values()), self._parameters["bias"],
+                                              self._opaque_handle)
+        return OpaqueForward.forward(self, x)
+
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] float -> [..., out_features] in x's dtype (the forward)."""
+        """The forward in Python: the cached fast path while it holds, else `dispatch.linear`, after which the
+        fast path and the C++ shortcut are remade for the kernel that served it."""
         fast = self._fast
         if fast is not None:
             y = fast(x, self._parameters["bias"])
@@ -92,8 +106,16 @@ class XFPLinear(OpaqueForward, StoredMatrix):
                 return y
         packed = self.packed()
         y = dispatch.linear(x, packed, self.bias, cache=self._kernel_cache)
-        self._fast = dispatch.fast_path(self.stored, packed, x, self._kernel_cache)
+        self._fast = fast = dispatch.fast_path(self.stored, packed, x, self._kernel_cache)
+        if fast is not None:
+            _cpu.arm(self._opaque_handle, fast.state, list(self.stored.values()))
+            self._armed = True
         return y
+
+    def _apply(self, fn, recurse: bool = True):
+        self._armed = False  # the C++ shortcut would hold the tensors this replaces
+        disarm(self._opaque_handle)
+        return super()._apply(fn, recurse)
 
     def output_like(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], self.out_features))

@@ -7,6 +7,11 @@ implementation runs the module's eager forward (`run`): kernel selection, the fa
 `XFP_KERNEL`, all as without compiling, so a compiled model multiplies by exactly the same products. Its
 fake implementation (shapes and dtypes for tracing) is the module's `output_like`.
 
+`xfp::fused_linear(x, stored, bias, handle)` is the C++ shortcut of an `XFPLinear` whose kernel state is
+armed (xfp/runtime/kernels/csrc/ops.cpp): the fused GEMV without Python, eagerly and in compiled graphs,
+falling back to `xfp::module_forward` wherever anything it was armed with no longer holds. Its schema and
+fake implementation are here; its CPU kernel comes with the compiled kernels.
+
 `handle` is an int naming a live module of this process (a registry of weak references; a copy or an
 unpickled module gets its own). A graph holding the operator is therefore only meaningful in the process
 that traced it: it is for `torch.compile`, not for exporting a model to another process. An input that
@@ -23,8 +28,11 @@ import torch
 
 OPERATOR = "xfp::module_forward"
 
-_LIBRARY = torch.library.Library("xfp", "DEF")
+FUSED = "xfp::fused_linear"
+
+_LIBRARY = torch.library.Library("xfp", "FRAGMENT")  # the C++ kernels add their own (csrc/ops.cpp)
 _LIBRARY.define("module_forward(Tensor x, int handle) -> Tensor")
+_LIBRARY.define("fused_linear(Tensor x, Tensor[] stored, Tensor? bias, int handle) -> Tensor")
 
 _MODULES: dict[int, weakref.ReferenceType] = {}
 _HANDLES = itertools.count(1)
@@ -33,8 +41,22 @@ _HANDLES = itertools.count(1)
 def register(module: "OpaqueForward") -> int:
     """A new handle naming `module` for as long as it lives."""
     handle = next(_HANDLES)
-    _MODULES[handle] = weakref.ref(module, lambda _ref, handle=handle: _MODULES.pop(handle, None))
+    _MODULES[handle] = weakref.ref(module, lambda _ref, handle=handle: forget(handle))
     return handle
+
+
+def forget(handle: int) -> None:
+    """Drop `handle`, and whatever the CPU kernels armed for it (csrc/ops.cpp)."""
+    _MODULES.pop(handle, None)
+    disarm(handle)
+
+
+def disarm(handle: int) -> None:
+    """Release what `xfp::arm` keeps for `handle` (nothing if the CPU kernels never loaded)."""
+    try:
+        torch.ops.xfp.disarm(handle)
+    except Exception:  # not loaded (no such operator), or the interpreter is shutting down
+        pass
 
 
 def module_of(handle: int) -> "OpaqueForward":
@@ -54,8 +76,23 @@ def _module_forward_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
     return module_of(handle).output_like(x)
 
 
+def _fused_linear_fake(x: torch.Tensor, stored: list[torch.Tensor], bias: torch.Tensor | None,
+                       handle: int) -> torch.Tensor:
+    return module_of(handle).output_like(x)
+
+
 _LIBRARY.impl("module_forward", _module_forward, "CompositeExplicitAutograd")
 torch.library.register_fake(OPERATOR, _module_forward_fake, lib=_LIBRARY)
+torch.library.register_fake(FUSED, _fused_linear_fake, lib=_LIBRARY)
+
+
+def without_stored_tensor_guards(entries) -> list[bool]:
+    """A `guard_filter_fn` for torch.compile: keep every guard except those on XFP modules' stored tensors
+    (sources `..._buffers['xfp_...']`). A compiled SmolLM2 step passes ~2700 of them to `xfp::fused_linear`
+    (13 per V2a matrix), and checking each one's dtype, shape and strides before every step costs more than
+    the guards are worth: the operator itself checks that they are the very tensors, at the very in-place
+    versions, it was armed with, and runs the module's Python forward otherwise."""
+    return ["_buffers['xfp_" not in entry.name for entry in entries]
 
 
 class OpaqueForward:
@@ -82,4 +119,5 @@ class OpaqueForward:
         self._opaque_handle = register(self)
 
 
-__all__ = ["OPERATOR", "OpaqueForward", "module_of", "register"]
+__all__ = ["FUSED", "OPERATOR", "OpaqueForward", "disarm", "forget", "module_of", "register",
+           "without_stored_tensor_guards"]

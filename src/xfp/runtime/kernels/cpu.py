@@ -404,6 +404,18 @@ def runner(packed: Packed, state: State) -> Callable[[torch.Tensor, "torch.Tenso
     return run
 
 
+def arm(handle: int, state: State, stored: list[torch.Tensor]) -> None:
+    """Let `xfp::fused_linear(x, stored, bias, handle)` (csrc/ops.cpp) run this matrix's fused GEMV without
+    Python, for as long as `stored` (the module's stored tensors, in the order the calls will pass them) are
+    the same tensors at the same in-place versions and `$XFP_KERNEL` and `$XFP_CPU_ISA` are unchanged: the
+    same conditions as `dispatch.FastPath`, checked in C++. The operator keeps references to `stored` and
+    to the state's tensors until `opaque.disarm(handle)` or the next `arm` of the handle."""
+    keep = list(state.tensors) if isinstance(state, V2aState) else [
+        state.ol_rowptr, state.ol_col, state.ol_delta, state.ol_val, state.codes, state.codebook]
+    torch.ops.xfp.arm(handle, int(isinstance(state, V2aState)), ISAS[isa()], state.address, state.matrix.rows,
+                      state.matrix.cols, FUSED_MAX_M, keep, stored)
+
+
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: [..., cols] float32/bfloat16/float16 on the CPU, weight: [rows, cols] float16 (a dense matrix kept at
     its stored precision) -> x @ weight.float().T: [..., rows] in x's dtype, computed in float32.
@@ -430,6 +442,6 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y if dtype is torch.float32 else y.to(dtype)
 
 
-__all__ = ["DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "by_tiles",
+__all__ = ["DTYPES", "FUSED_MAX_M", "ISAS", "ISA_ENV_VAR", "NAME", "State", "V2State", "V2aState", "arm", "by_tiles",
            "decode_rows", "gemv", "half_linear", "indices_at", "isa", "library", "linear", "prepare", "prepare_any",
            "prepare_v2a", "runner", "supported_isas", "supports", "tiled", "unavailable_reason"]
