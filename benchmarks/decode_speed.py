@@ -115,29 +115,35 @@ def weight_bytes_per_step(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def step_breakdown(model: nn.Module, reps: int = 5) -> dict[str, float]:
-    """Milliseconds of one decode step's matrices, measured apart from the model: every quantized or dense
-    Linear in the decoder layers called once on a [1, 1, in] input (in model order), and the lm_head. The
-    rest of a step (attention, norms, embedding, `generate`'s own work) is the step time minus these."""
+def step_breakdowns(models: dict[str, nn.Module], rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Per model: milliseconds of one decode step's matrices, measured apart from the model: every quantized or
+    dense Linear in the decoder layers called once on a [1, 1, in] input (in model order), and the lm_head.
+    The rest of a step (attention, norms, embedding, `generate`'s own work) is the step time minus these.
+    The models take turns within each round (the best of the rounds is kept), so a slow spell of the
+    machine does not fall on one model alone."""
     from xfp.runtime import XFPLinear
 
-    head = model.get_output_embeddings()
-    mats = [m for m in model.modules() if isinstance(m, (XFPLinear, nn.Linear)) and m is not head]
-    dtype = model.dtype  # the model's activation dtype (an XFP lm_head holds no weight)
-    inputs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in mats]
-    hidden = torch.randn(1, 1, head.in_features, dtype=dtype)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times) * 1e3
-
-    return {"matrices_ms": best(lambda: [m(x) for m, x in zip(mats, inputs)]), "lm_head_ms": best(lambda: head(hidden)),
-            "n_matrices": len(mats)}
+    calls = {}
+    for name, model in models.items():
+        head = model.get_output_embeddings()
+        mats = [m for m in model.modules() if isinstance(m, (XFPLinear, nn.Linear)) and m is not head]
+        dtype = model.dtype  # the model's activation dtype (an XFP lm_head holds no weight)
+        inputs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in mats]
+        hidden = torch.randn(1, 1, head.in_features, dtype=dtype)
+        calls[name] = {"matrices_ms": lambda mats=mats, inputs=inputs: [m(x) for m, x in zip(mats, inputs)],
+                       "lm_head_ms": lambda head=head, hidden=hidden: head(hidden), "n_matrices": len(mats)}
+    out = {name: {"matrices_ms": float("inf"), "lm_head_ms": float("inf"), "n_matrices": c["n_matrices"]}
+           for name, c in calls.items()}
+    for name, c in calls.items():  # warm-up
+        c["matrices_ms"]()
+        c["lm_head_ms"]()
+    for _ in range(rounds):
+        for name, c in calls.items():
+            for part in ("matrices_ms", "lm_head_ms"):
+                start = time.perf_counter()
+                c[part]()
+                out[name][part] = min(out[name][part], (time.perf_counter() - start) * 1e3)
+    return out
 
 
 class NoEos:
@@ -337,8 +343,10 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
         llama_tps = {k: tps.pop(LLAMA_PREFIX + k) for k in llama}
         if with_reference:  # ~1 tok/s: a few tokens, once, are enough to place it
             tps["xfp_reference"] = measure({"xfp_reference": xfp_ref}, REFERENCE_TOKENS, 1)["xfp_reference"]
-        parts = {k: step_breakdown(m) for k, m in (("xfp", xfp_model), ("xfp_emb", xfp_emb), ("fp32", src32),
-                                                   ("bf16", src16))}
+        parts = step_breakdowns({"xfp": xfp_model, "xfp_emb": xfp_emb, "fp32": src32, "bf16": src16})
+        for key, eager in (("xfp_compiled", "xfp"), ("fp32_compiled", "fp32")):
+            if key in tps:  # the same matrices called eagerly: the compiled step's rest is what compiling shrank
+                parts[key] = parts[eager]
         row = {"model": label, "threads": t, "tokens": n, "agree": agree, "gguf": gguf.name, "mb": mb,
                "isa": cpu.isa(), "parts": parts, **tps}
         if twins:
@@ -404,7 +412,9 @@ def markdown(rows: list[dict]) -> str:
                          f"{r['xfp_compiled'] / r['xfp']:.2f}x | {r['fp32_compiled'] / r['fp32']:.2f}x | "
                          f"{r['compiled_agree']} |")
     lines += ["", "Where a decode step's time goes (ms; matrices and lm_head measured apart from the model, on "
-              "[1, 1, in] inputs; rest = step - both: attention, norms, embedding, `generate`):", "",
+              "[1, 1, in] inputs, the variants taking turns, best of 5; rest = step - both: attention, norms, "
+              "embedding, `generate`; the compiled rows reuse their eager model's matrices and lm_head, so their "
+              "rest is what is left once inductor has fused the model's own ops):", "",
               "| model | threads | variant | step ms | decoder matrices ms | lm_head ms | rest ms |",
               "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:

@@ -197,3 +197,23 @@ def test_without_their_guards_changed_stored_tensors_are_still_caught(edit):
         assert torch.equal(after, python_path(module, x))
     finally:
         torch._dynamo.reset()
+
+
+def test_a_module_that_has_run_pickles_and_copies_without_its_kernel_state():
+    import copy
+    import io
+    import pickle
+
+    module = make("v2a")
+    x = torch.randn(1, 100, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = module(x)
+        module(x)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
+        assert not twin._armed and twin._fast is None and twin._opaque_handle != module._opaque_handle
+        with torch.no_grad():
+            assert torch.equal(twin(x), want) and torch.equal(twin(x), want)
+        assert armed(twin)

@@ -112,6 +112,13 @@ class XFPLinear(OpaqueForward, StoredMatrix):
             self._armed = True
         return y
 
+    def __getstate__(self) -> dict:
+        """For pickling and copies: the stored tensors and the module's settings, not its kernel state (the
+        fast path holds a closure and C pointers; the copy prepares its own on its first call)."""
+        state = self.__dict__.copy()
+        state.update(_fast=None, _kernel_cache={}, _armed=False)
+        return state
+
     def _apply(self, fn, recurse: bool = True):
         self._armed = False  # the C++ shortcut would hold the tensors this replaces
         disarm(self._opaque_handle)
