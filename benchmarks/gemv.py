@@ -397,7 +397,7 @@ NOTES = """## How the kernel works, and why this route
   the module's Python forward on any difference, so it computes the same bits
   (tests/runtime/test_fused_operator.py, which fails if the version check is removed). Scratch A/B (two
   loads of the default folder in one process, one with the operator switched off, runs interleaved, each
-  order tried): +7 to +13% tokens/s eager at one thread, +4 to +10% at two; compiled, +5 to +8% at two
+  order tried): +7 to +13% tokens/s eager at one thread, +4 to +10% at two; compiled, +4 to +8% at two
   threads. A compiled step passes the operator ~2700 stored tensors, each of which would get a guard
   checked before every step; `compile_decode_steps` drops those guards (`without_stored_tensor_guards`),
   since the operator checks the tensors itself.
