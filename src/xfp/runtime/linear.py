@@ -110,6 +110,9 @@ class XFPLinear(OpaqueForward, StoredMatrix):
         if fast is not None:
             _cpu.arm(self._opaque_handle, fast.state, list(self.stored.values()))
             self._armed = True
+        elif self._armed:  # e.g. XFP_KERNEL=reference now: no detour through the C++ operator, nothing held there
+            disarm(self._opaque_handle)
+            self._armed = False
         return y
 
     def __getstate__(self) -> dict:

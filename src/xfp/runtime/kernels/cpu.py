@@ -192,6 +192,11 @@ class V2State:
     matrix: _V2Matrix
     address: int
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor `matrix` points into (as V2aState.tensors)."""
+        return self.ol_rowptr, self.ol_col, self.ol_delta, self.ol_val, self.codes, self.codebook
+
     def check(self, packed: PackedV2) -> None:  # by storage: a dtype-cast round trip (module.to) makes new views
         if (packed.codes.data_ptr(), packed.codebook.data_ptr()) != (self.source[0].data_ptr(),
                                                                       self.source[1].data_ptr()):
@@ -410,10 +415,8 @@ def arm(handle: int, state: State, stored: list[torch.Tensor]) -> None:
     the same tensors at the same in-place versions and `$XFP_KERNEL` and `$XFP_CPU_ISA` are unchanged: the
     same conditions as `dispatch.FastPath`, checked in C++. The operator keeps references to `stored` and
     to the state's tensors until `opaque.disarm(handle)` or the next `arm` of the handle."""
-    keep = list(state.tensors) if isinstance(state, V2aState) else [
-        state.ol_rowptr, state.ol_col, state.ol_delta, state.ol_val, state.codes, state.codebook]
     torch.ops.xfp.arm(handle, int(isinstance(state, V2aState)), ISAS[isa()], state.address, state.matrix.rows,
-                      state.matrix.cols, FUSED_MAX_M, keep, stored)
+                      state.matrix.cols, FUSED_MAX_M, list(state.tensors), stored)
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
