@@ -279,10 +279,11 @@ NOTES = """## How the kernel works, and why this route
   library serves every x86-64 CPU and the choice is made at run time (`XFP_CPU_ISA` forces one; tests run
   every one the CPU has). Rows are split over torch's own OpenMP pool through `at::parallel_for`, the only
   torch header the kernels use, so `torch.set_num_threads` applies and no second thread pool competes for
-  the cores. One more unit (`ops.cpp`) registers the fused GEMV as the torch operator `xfp::fused_linear`,
-  the path of a decode step's XFPLinear calls once the module's kernel state is armed (see 'What limits
-  speed'). The build needs only the machine's `c++` and torch's headers and libraries (no ninja, no
-  pybind11): ~10 seconds, cached under `$XFP_CACHE/kernels/` by a hash of sources, flags, compiler and torch.
+  the cores. Two more units are the paths of a decode step's XFPLinear calls once the module's kernel
+  state is armed (see 'What limits speed'): `ops.cpp` registers the fused GEMV as the torch operator
+  `xfp::fused_linear` (compiled graphs), and `python.cpp` is its eager shortcut, a CPython function. The
+  build needs only the machine's `c++` and torch's headers and libraries (no ninja): ~25-30 seconds on 2
+  cores, once, cached under `$XFP_CACHE/kernels/` by a hash of sources, flags, compiler, torch and Python.
 - **Why not numba** (already a dependency): see the route table. The straightforward numba LUT kernel
   cannot express the in-register table lookup (`vpermps`/`vpermt2ps` on a row's codebook held in one or
   two registers) nor the `vpshufb`/`vpsrlvd` unpacking of 3/5/6-bit fields, so LLVM emits scalar lookups or
@@ -400,7 +401,15 @@ NOTES = """## How the kernel works, and why this route
   order tried): +7 to +13% tokens/s eager at one thread, +4 to +10% at two; compiled, +4 to +8% at two
   threads. A compiled step passes the operator ~2700 stored tensors, each of which would get a guard
   checked before every step; `compile_decode_steps` drops those guards (`without_stored_tensor_guards`),
-  since the operator checks the tensors itself.
+  since the operator checks the tensors itself. Called from Python, though, the operator still cost ~5 us
+  a call before the kernel (parsing its arguments against the schema, boxing a V2a matrix's 13 stored
+  tensors into a list, the dispatcher), against ~1 us for a CPython function making the same checks on the
+  module's buffer dict (scratch measurement with empty kernels). So eager calls now take
+  `cpu.fast_linear` (`csrc/python.cpp`, the same checks through `csrc/armed.h`), which declines (None) for
+  tensor subclasses, wrapped inputs and active torch function or dispatch modes, leaving those to the
+  operator. Scratch A/B (one model in one process, the shortcut switched on and off between generate
+  calls, 8 interleaved pairs): +5% tokens/s at two threads (every pair +2 to +10%); at one thread the
+  machine's drift in that run (pairs from -36% to +56%) hid the effect.
 - The decode loop asks for exactly N tokens with a one-line logits processor that forbids end-of-sequence;
   transformers' `min_new_tokens` does the same by building and searching a vocabulary-sized mask every
   step, about 1 ms per step on SmolLM2's 49k vocabulary (torch.profiler, scratch run) for every model

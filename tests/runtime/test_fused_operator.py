@@ -1,5 +1,6 @@
-"""`xfp::fused_linear` (csrc/ops.cpp): an armed XFPLinear's fused GEMV called from C++, which must compute
-exactly what the Python path computes and fall back to it whenever anything it was armed with changed."""
+"""The C++ shortcuts of an armed XFPLinear: `cpu.fast_linear` (csrc/python.cpp, eager calls) and the operator
+`xfp::fused_linear` (csrc/ops.cpp, compiled graphs and whatever fast_linear declines). Both must compute exactly
+what the Python path computes and decline whenever anything they were armed with changed."""
 
 from __future__ import annotations
 
@@ -38,10 +39,19 @@ def fused_kernel(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "cpu")
 
 
+@pytest.fixture(params=["fast_linear", "operator"])
+def entry(request, monkeypatch):
+    """Which shortcut serves eager calls: fast_linear, or (fast_linear declining everything) the operator."""
+    cpu.library()
+    if request.param == "operator":
+        monkeypatch.setattr(cpu, "fast_linear", lambda *args: None)
+    return request.param
+
+
 @pytest.mark.parametrize("mode", ["v2", "v2a"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 100), (1, 1, 100), (3, 100), (2, 4, 100)])
-def test_armed_calls_equal_the_python_path_bit_for_bit(mode, bias, shape):
+def test_armed_calls_equal_the_python_path_bit_for_bit(mode, bias, shape, entry):
     module = make(mode, bias)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -70,7 +80,7 @@ def edits():
 
 @pytest.mark.parametrize("mode", ["v2", "v2a"])
 @pytest.mark.parametrize("edit", list(edits()))
-def test_a_changed_matrix_is_never_served_from_the_stale_state(mode, edit):
+def test_a_changed_matrix_is_never_served_from_the_stale_state(mode, edit, entry):
     module = make(mode)
     x = torch.randn(1, 100, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -85,7 +95,7 @@ def test_a_changed_matrix_is_never_served_from_the_stale_state(mode, edit):
         assert torch.equal(module(x), after)
 
 
-def test_overrides_changed_after_arming_apply(monkeypatch):
+def test_overrides_changed_after_arming_apply(monkeypatch, entry):
     module = make("v2a")
     x = torch.randn(1, 100, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -112,7 +122,7 @@ def test_inputs_the_kernel_does_not_take_go_the_python_way(case):
     assert torch.equal(got, python_path(module, x))
 
 
-def test_a_bias_replaced_or_cast_is_read_as_it_is_now():
+def test_a_bias_replaced_or_cast_is_read_as_it_is_now(entry):
     module = make("v2a")
     x = torch.randn(2, 100, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -140,7 +150,7 @@ def test_deleting_or_moving_the_module_releases_what_was_armed():
     assert not torch.ops.xfp.armed(handle)
 
 
-def test_a_tied_module_is_armed_over_its_source_tensors():
+def test_a_tied_module_is_armed_over_its_source_tensors(entry):
     packed = v2a_packed()
     assert isinstance(packed, PackedV2a)
     owner = XFPLinear.from_packed(packed)
@@ -217,3 +227,75 @@ def test_a_module_that_has_run_pickles_and_copies_without_its_kernel_state():
         with torch.no_grad():
             assert torch.equal(twin(x), want) and torch.equal(twin(x), want)
         assert armed(twin)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_fast_linear_serves_exactly_the_armed_matrix_and_declines_anything_else():
+    module = make("v2a")
+    x = torch.randn(1, 100, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        want = module(x)
+
+        def call(x=x, stored=None, bias=module.bias, handle=module._opaque_handle):
+            return cpu.fast_linear(x, module.stored if stored is None else stored, bias, handle)
+
+        got = call()
+        batched = []  # what fast_linear gives for a functorch-batched x (returned by vmap only as a tensor)
+        torch.func.vmap(lambda row: batched.append(call(x=row)) or row)(x.unsqueeze(0))
+        assert got is not None and torch.equal(got, want) and got.shape == (1, 24)
+        declined = {
+            "another handle": call(handle=module._opaque_handle + 10**6),
+            "bfloat16 x": call(x=x.bfloat16()),
+            "strided x": call(x=torch.randn(100, 2)[:, 0].unsqueeze(0)),
+            "more rows than the kernel takes": call(x=torch.randn(cpu.FUSED_MAX_M + 1, 100)),
+            "a tensor subclass": call(x=x.as_subclass(_Subclass)),
+            "a bfloat16 bias": call(bias=module.bias.bfloat16()),
+            "a bias of another size": call(bias=torch.zeros(23)),
+            "a stored tensor missing": call(stored={k: v for k, v in module.stored.items() if k != "xfp_codes"}),
+            "a stored tensor copied": call(stored={k: v.clone() for k, v in module.stored.items()}),
+            "a stored value not a tensor": call(stored=dict(module.stored, xfp_codes=None)),
+            "batched by vmap": batched[0],
+        }
+        module.xfp_outlier_val.mul_(2)  # in place: a new version
+        declined["an edited stored tensor"] = call()
+    assert {case: out for case, out in declined.items() if out is not None} == {}
+
+
+def test_fast_linear_leaves_calls_under_torch_function_and_dispatch_modes_to_the_dispatcher():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Quiet(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    module = make("v2a")
+    x = torch.randn(1, 100, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want = module(x)
+        with Quiet():
+            assert cpu.fast_linear(x, module.stored, module.bias, module._opaque_handle) is None
+            assert torch.equal(module(x), want)
+        with Seen() as seen:
+            assert cpu.fast_linear(x, module.stored, module.bias, module._opaque_handle) is None
+            assert torch.equal(module(x), want)
+    assert any("fused_linear" in op for op in seen.ops), seen.ops
+
+
+@pytest.mark.parametrize("args", [(), (torch.zeros(1, 100), [], None, 1), (torch.zeros(1, 100), {}, None, "1")])
+def test_fast_linear_rejects_malformed_calls(args):
+    cpu.library()
+    with pytest.raises(TypeError, match="fast_linear"):
+        cpu.fast_linear(*args)

@@ -88,12 +88,18 @@ class XFPLinear(OpaqueForward, StoredMatrix):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] float -> [..., out_features] in x's dtype.
 
-        Once the CPU kernel has served this module, float32 inputs go to `xfp::fused_linear`, which runs it
-        from C++ while everything it was armed with holds (xfp/runtime/kernels/csrc/ops.cpp) and `run`
-        otherwise; other inputs, or before that, `run` (as one operator under torch.compile)."""
+        Once the CPU kernel has served this module, float32 inputs go straight to it from C++ while everything
+        it was armed with holds (xfp/runtime/kernels/csrc): eagerly through `cpu.fast_linear`, else (compiling,
+        or where that declines: a tensor subclass, a dispatch mode...) through the operator
+        `xfp::fused_linear`, which calls `run` where the kernel no longer applies. Other inputs, or before
+        that, `run` (as one operator under torch.compile)."""
         if self._armed and x.dtype is torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
-            return torch.ops.xfp.fused_linear(x, list(self.stored.values()), self._parameters["bias"],
-                                              self._opaque_handle)
+            stored, bias = self.stored, self._parameters["bias"]
+            if not torch.compiler.is_compiling():
+                y = _cpu.fast_linear(x, stored, bias, self._opaque_handle)
+                if y is not None:
+                    return y
+            return torch.ops.xfp.fused_linear(x, list(stored.values()), bias, self._opaque_handle)
         return OpaqueForward.forward(self, x)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:

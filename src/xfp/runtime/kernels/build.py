@@ -4,8 +4,9 @@ Nothing prebuilt travels with the package: the first process that needs the kern
 C++ compiler (`$CXX`, else `c++`) on `csrc/`, one translation unit per instruction set with its own `-m`
 flags (scalar, AVX2, AVX-512 on x86-64; scalar elsewhere), so a single library serves every CPU and the
 choice is made at run time. `api.cpp` includes only `ATen/Parallel.h` from torch, to split rows over
-torch's own threads; `ops.cpp` registers the fused GEMV as a torch operator (torch's library headers, no
-pybind11). The whole build takes ~10 seconds on 2 cores (no ninja).
+torch's own threads; `ops.cpp` registers the fused GEMV as a torch operator (torch's library headers), and
+`python.cpp` is its eager shortcut, a CPython function (torch's Python headers: the library links
+libtorch_python, and is built per Python version). The whole build takes ~25 seconds on 2 cores (no ninja).
 
 The library lands in `$XFP_CACHE/kernels/xfp_cpu-<key>/` (`~/.cache/xfp` without `$XFP_CACHE`), where
 `<key>` hashes the sources, the flags, the compiler's version and torch's version: a change to any of them
@@ -21,6 +22,8 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -59,7 +62,8 @@ def compiler() -> str:
 
 
 def _units() -> dict[str, list[str]]:
-    """Translation unit -> its extra flags. api.cpp gets torch's headers and OpenMP, ops.cpp torch's headers."""
+    """Translation unit -> its extra flags. api.cpp gets torch's headers and OpenMP, ops.cpp torch's headers,
+    python.cpp torch's and Python's (it is a CPython function)."""
     include, _ = _torch_dirs()
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     x86 = ["-DXFP_X86"] if _is_x86() else []
@@ -67,12 +71,14 @@ def _units() -> dict[str, list[str]]:
     units["api.cpp"] = x86 + ["-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(include),
                               "-Wno-unused-parameter"]
     units["ops.cpp"] = [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-isystem", str(include), "-Wno-unused-parameter"]
+    units["python.cpp"] = units["ops.cpp"] + ["-isystem", str(include / "torch" / "csrc" / "api" / "include"),
+                                              "-isystem", sysconfig.get_paths()["include"]]
     return units
 
 
 def _link_flags() -> list[str]:
     _, lib = _torch_dirs()
-    return ["-shared", "-fopenmp", f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+    return ["-shared", "-fopenmp", f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{lib}"]
 
 
 def _compiler_version(cxx: str) -> str:
@@ -98,7 +104,7 @@ def build_key(cxx: str) -> str:
     for name, flags in sorted(_units().items()):
         digest.update(f"{name}:{' '.join(_COMMON + flags)}\n".encode())
     digest.update(" ".join(_link_flags()).encode())
-    digest.update(f"{_compiler_version(cxx)}|torch {torch.__version__}|{platform.machine()}".encode())
+    digest.update(f"{_compiler_version(cxx)}|torch {torch.__version__}|{platform.machine()}|{sys.version}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -13,7 +13,8 @@
 // (float32, contiguous, on the CPU, at most max_m rows, no gradient wanted, a float32 bias of the right
 // size); in every other case it calls `xfp::module_forward(x, handle)`, the module's own Python forward,
 // which picks the kernel as always and arms again where it may. So the operator computes exactly what the
-// Python path computes, bit for bit: the same kernel, the same state, the same bias addition.
+// Python path computes, bit for bit: the same kernel, the same state, the same bias addition. The eager calls
+// take the CPython entry of python.cpp instead, which makes the same checks (armed.h) without the dispatcher.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -29,29 +30,17 @@
 #include <unordered_map>
 #include <vector>
 
-#include "v2.h"
+#include "armed.h"
 
 extern "C" {
 int xfp_v2_gemv(int isa, const xfp::V2Matrix* w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy);
 int xfp_v2a_gemv(int isa, const xfp::V2aMatrix* w, const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy);
 }
 
+namespace xfp::armed {
 namespace {
 
-constexpr int kOverrides = 2;
 const char* const kOverrideNames[kOverrides] = {"XFP_KERNEL", "XFP_CPU_ISA"};
-
-struct Armed {
-  int64_t mode = 0;  // 0: V2, 1: V2a
-  int64_t isa = 0;
-  int64_t rows = 0, cols = 0, max_m = 0;
-  xfp::V2Matrix v2{};
-  xfp::V2aMatrix v2a{};
-  std::vector<at::Tensor> keep;    // the tensors the C view points into
-  std::vector<at::Tensor> stored;  // the module's stored tensors when armed
-  std::vector<int64_t> versions;   // their in-place versions then
-  std::optional<std::string> overrides[kOverrides];
-};
 
 std::mutex table_lock;
 std::unordered_map<int64_t, std::shared_ptr<const Armed>> table;
@@ -61,31 +50,61 @@ std::optional<std::string> getenv_now(const char* name) {
   return value ? std::optional<std::string>(value) : std::nullopt;
 }
 
+void put(int64_t handle, std::shared_ptr<const Armed> a) {
+  std::lock_guard<std::mutex> guard(table_lock);
+  table[handle] = std::move(a);
+}
+
+void drop(int64_t handle) {
+  std::shared_ptr<const Armed> gone;  // released after the lock
+  std::lock_guard<std::mutex> guard(table_lock);
+  auto it = table.find(handle);
+  if (it != table.end()) {
+    gone = std::move(it->second);
+    table.erase(it);
+  }
+}
+
+}  // namespace
+
 std::shared_ptr<const Armed> find(int64_t handle) {
   std::lock_guard<std::mutex> guard(table_lock);
   auto it = table.find(handle);
   return it == table.end() ? nullptr : it->second;
 }
 
-bool applies(const Armed& a, const at::Tensor& x, at::TensorList stored, const std::optional<at::Tensor>& bias) {
+bool takes(const Armed& a, const at::Tensor& x, const at::Tensor* bias) {
   if (x.scalar_type() != at::kFloat || !x.device().is_cpu() || x.dim() < 1 || x.size(-1) != a.cols ||
       !x.is_contiguous() || x.numel() / a.cols > a.max_m || (x.requires_grad() && at::GradMode::is_enabled()))
     return false;
-  if (bias.has_value() && bias->defined() &&
+  if (bias && bias->defined() &&
       (bias->scalar_type() != at::kFloat || !bias->device().is_cpu() || bias->dim() != 1 || bias->size(0) != a.rows ||
        (bias->requires_grad() && at::GradMode::is_enabled())))
     return false;
-  if (stored.size() != a.stored.size()) return false;
-  for (size_t i = 0; i < stored.size(); ++i) {
-    const at::Tensor& t = stored[i];
-    if (!t.defined() || t.unsafeGetTensorImpl() != a.stored[i].unsafeGetTensorImpl() || t.is_inference() ||
-        t._version() != a.versions[i])
-      return false;
-  }
   for (int i = 0; i < kOverrides; ++i)
     if (getenv_now(kOverrideNames[i]) != a.overrides[i]) return false;
   return true;
 }
+
+at::Tensor run(const Armed& a, const at::Tensor& x, const at::Tensor* bias) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = a.rows;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t m = x.numel() / a.cols;
+  const int rc = a.mode == 1
+                     ? xfp_v2a_gemv(int(a.isa), &a.v2a, x.data_ptr<float>(), m, a.cols, y.data_ptr<float>(), a.rows)
+                     : xfp_v2_gemv(int(a.isa), &a.v2, x.data_ptr<float>(), m, a.cols, y.data_ptr<float>(), a.rows);
+  TORCH_CHECK(rc == 0, "xfp::fused_linear: the gemv refused its arguments (", a.rows, "x", a.cols, ")");
+  if (bias && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+}  // namespace xfp::armed
+
+namespace {
+
+using xfp::armed::Armed;
+using xfp::armed::find;
 
 at::Tensor module_forward(const at::Tensor& x, int64_t handle) {
   static const auto op = c10::Dispatcher::singleton()
@@ -97,17 +116,11 @@ at::Tensor module_forward(const at::Tensor& x, int64_t handle) {
 at::Tensor fused_linear(const at::Tensor& x, at::TensorList stored, const std::optional<at::Tensor>& bias,
                         int64_t handle) {
   const std::shared_ptr<const Armed> a = find(handle);
-  if (!a || !applies(*a, x, stored, bias)) return module_forward(x, handle);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = a->rows;
-  at::Tensor y = at::empty(shape, x.options());
-  const int64_t m = x.numel() / a->cols;
-  const int rc = a->mode == 1
-                     ? xfp_v2a_gemv(int(a->isa), &a->v2a, x.data_ptr<float>(), m, a->cols, y.data_ptr<float>(), a->rows)
-                     : xfp_v2_gemv(int(a->isa), &a->v2, x.data_ptr<float>(), m, a->cols, y.data_ptr<float>(), a->rows);
-  TORCH_CHECK(rc == 0, "xfp::fused_linear: the gemv refused its arguments (", a->rows, "x", a->cols, ")");
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
-  return y;
+  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
+  if (!a || !xfp::armed::takes(*a, x, b) || stored.size() != a->stored.size()) return module_forward(x, handle);
+  for (size_t i = 0; i < stored.size(); ++i)
+    if (!xfp::armed::same_stored(*a, i, stored[i])) return module_forward(x, handle);
+  return xfp::armed::run(*a, x, b);
 }
 
 void arm(int64_t handle, int64_t mode, int64_t isa, int64_t address, int64_t rows, int64_t cols, int64_t max_m,
@@ -130,20 +143,12 @@ void arm(int64_t handle, int64_t mode, int64_t isa, int64_t address, int64_t row
     a->stored.push_back(t);
     a->versions.push_back(t._version());
   }
-  for (int i = 0; i < kOverrides; ++i) a->overrides[i] = getenv_now(kOverrideNames[i]);
-  std::lock_guard<std::mutex> guard(table_lock);
-  table[handle] = std::move(a);
+  for (int i = 0; i < xfp::armed::kOverrides; ++i)
+    a->overrides[i] = xfp::armed::getenv_now(xfp::armed::kOverrideNames[i]);
+  xfp::armed::put(handle, std::move(a));
 }
 
-void disarm(int64_t handle) {
-  std::shared_ptr<const Armed> gone;  // released after the lock
-  std::lock_guard<std::mutex> guard(table_lock);
-  auto it = table.find(handle);
-  if (it != table.end()) {
-    gone = std::move(it->second);
-    table.erase(it);
-  }
-}
+void disarm(int64_t handle) { xfp::armed::drop(handle); }
 
 bool armed(int64_t handle) { return find(handle) != nullptr; }
 
