@@ -76,10 +76,17 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
-fast_linear: Callable | None = None
-"""Once the library is loaded: `fast_linear(x, stored, bias, handle) -> Tensor | None`, the eager shortcut of
-an XFPLinear armed by `arm` (csrc/python.cpp): the armed kernel's output where `xfp::fused_linear` would run
-it (the module's buffer dict `stored` holding the very tensors armed, at their versions...), else None."""
+
+
+def _declines(x, stored, bias, handle) -> None:
+    return None
+
+
+fast_linear: Callable = _declines
+"""`fast_linear(x, stored, bias, handle) -> Tensor | None`, the eager shortcut of an XFPLinear armed by `arm`
+(csrc/python.cpp, once the library is loaded): the armed kernel's output where `xfp::fused_linear` would run
+it (the module's buffer dict `stored` holding the very tensors armed, at their versions...), else None. None
+always where the library was built without that part (build.OPTIONAL_UNITS)."""
 
 
 def library() -> ctypes.CDLL:
@@ -124,10 +131,14 @@ def _load() -> ctypes.CDLL:
         gemv.argtypes, gemv.restype = [ctypes.c_int, p, p, i64, i64, p, i64], ctypes.c_int
         decode.argtypes, decode.restype = [ctypes.c_int, p, i64, i64, p, i64], ctypes.c_int
     lib.xfp_f16_gemv.argtypes, lib.xfp_f16_gemv.restype = [ctypes.c_int, p, i64, i64, p, i64, i64, p, i64], ctypes.c_int
-    entry = ctypes.PyDLL(str(library_path())).xfp_fast_linear_function  # PyDLL: called with the GIL held
-    entry.argtypes, entry.restype = [], ctypes.py_object
     global fast_linear
-    fast_linear = entry()
+    try:
+        entry = ctypes.PyDLL(str(library_path())).xfp_fast_linear_function  # PyDLL: called with the GIL held
+    except AttributeError:  # built without python.cpp (logged then): eager calls take xfp::fused_linear
+        fast_linear = _declines
+    else:
+        entry.argtypes, entry.restype = [], ctypes.py_object
+        fast_linear = entry()
     return lib
 
 
