@@ -22,7 +22,8 @@ the source is the float32 Hugging Face folder the package fetches. All variants 
   (its out/results/<model>/llamacpp.json also gives their KL and XFP's on the same windows).
 
 Decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1), so the prompt's prefill is
-not counted. Also printed: weight bytes each decode step reads (matrices as stored, plus dense tensors used
+not counted; each variant's median over the repetitions is reported, and every ratio is the median of the
+per-repetition ratios (the variants' runs in one repetition lie seconds apart; see `ratio`). Also printed: weight bytes each decode step reads (matrices as stored, plus dense tensors used
 as matmuls, e.g. a tied lm_head), the thing that bounds batch-1 decode on a CPU, and where a step's time
 goes (decoder matrices, lm_head, the rest).
 
@@ -60,22 +61,24 @@ def model_paths(name: str) -> tuple[str, Path, Path]:
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
-def xfp_folder(gguf: Path, embeddings: bool = False) -> Path:
-    """The XFP folder of `gguf` under the default config (embeddings: with `--quantize-embeddings`), quantized
-    now if it is not cached yet."""
+def xfp_folder(gguf: Path, embeddings: bool = False, floor_strict: float | None = None) -> Path:
+    """The XFP folder of `gguf` under the default config (embeddings: with `--quantize-embeddings`;
+    floor_strict: with that strict floor instead of the default), quantized now if it is not cached yet."""
     from xfp.config import QuantConfig
     from xfp.format.spec import FORMAT_VERSION
     from xfp.pipeline import quantize_model
     from xfp.pipeline.run import out_is_complete
     from xfp.sources import cache_dir
 
+    config = QuantConfig() if floor_strict is None else QuantConfig(floor_strict=floor_strict)
     # the default mode and the format version name the folder: a folder made under another default is not reused
-    groups = "-".join(map(str, QuantConfig().group_size))
-    out = cache_dir() / "bench" / (f"{gguf.stem}-xfp-{QuantConfig().mode}-g{groups}-v{FORMAT_VERSION}"
-                                   + ("-emb" if embeddings else ""))
+    groups = "-".join(map(str, config.group_size))
+    out = cache_dir() / "bench" / (f"{gguf.stem}-xfp-{config.mode}-g{groups}-v{FORMAT_VERSION}"
+                                   + ("-emb" if embeddings else "")
+                                   + ("" if floor_strict is None else f"-floor{floor_strict:g}"))
     if not out_is_complete(out):
         print(f"quantizing {gguf.name} into {out} (once)", flush=True)
-        quantize_model(gguf, out, QuantConfig(), resume=out.exists(), force=False, progress=False,
+        quantize_model(gguf, out, config, resume=out.exists(), force=False, progress=False,
                        quantize_embeddings=embeddings)
     return out
 
@@ -276,19 +279,31 @@ def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int):
     return run
 
 
-def measure(runners: dict, n: int, reps: int) -> dict[str, float]:
-    """Decode tokens/s of each runner (callable(n) -> seconds), repetitions interleaved."""
+def measure(runners: dict, n: int, reps: int) -> dict[str, list[float]]:
+    """Decode tokens/s of each runner (callable(n) -> seconds) in each repetition: (n - 1) / (seconds for n
+    tokens - seconds for 1), the two runs back to back; the runners take turns within a repetition."""
     for run in runners.values():
         run(1)  # warm-up (kernel build, compiling for both cache sizes timed below)
         run(n)
-    full = {k: [] for k in runners}
-    one = {k: [] for k in runners}
+    per_rep = {k: [] for k in runners}
     for _ in range(reps):
         for name, run in runners.items():
-            one[name].append(run(1))
-            full[name].append(run(n))
-    pick = statistics.median if os.environ.get("XFP_BENCH_MEDIAN") else min  # see gemv.side_by_side
-    return {k: (n - 1) / max(1e-9, pick(full[k]) - pick(one[k])) for k in runners}
+            one = run(1)
+            per_rep[name].append((n - 1) / max(1e-9, run(n) - one))
+    return per_rep
+
+
+def typical(per_rep: dict[str, list[float]]) -> dict[str, float]:
+    """Each runner's median tokens/s over the repetitions."""
+    return {k: statistics.median(v) for k, v in per_rep.items()}
+
+
+def ratio(row: dict, a: str, b: str) -> float:
+    """How much faster `a` decoded than `b`: the median over repetitions of a's tokens/s over b's in the same
+    repetition (taken seconds apart). This machine's speed drifts by up to 2x within minutes; a ratio of two
+    bests or two medians can pair a fast spell of one side with a slow spell of the other, a paired ratio
+    cannot."""
+    return statistics.median(x / y for x, y in zip(row["per_rep"][a], row["per_rep"][b]))
 
 
 def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference: bool,
@@ -339,16 +354,17 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
             run = llama_cpp_runner(path, t, n_ctx=ids.shape[1] + n + 8)
             if run is not None:
                 llama[file_label] = run
-        tps = measure({**runners, **{LLAMA_PREFIX + k: v for k, v in llama.items()}}, n, reps)
+        per_rep = measure({**runners, **{LLAMA_PREFIX + k: v for k, v in llama.items()}}, n, reps)
+        tps = typical(per_rep)
         llama_tps = {k: tps.pop(LLAMA_PREFIX + k) for k in llama}
         if with_reference:  # ~1 tok/s: a few tokens, once, are enough to place it
-            tps["xfp_reference"] = measure({"xfp_reference": xfp_ref}, REFERENCE_TOKENS, 1)["xfp_reference"]
+            tps["xfp_reference"] = measure({"xfp_reference": xfp_ref}, REFERENCE_TOKENS, 1)["xfp_reference"][0]
         parts = step_breakdowns({"xfp": xfp_model, "xfp_emb": xfp_emb, "fp32": src32, "bf16": src16})
         for key, eager in (("xfp_compiled", "xfp"), ("fp32_compiled", "fp32")):
             if key in tps:  # the same matrices called eagerly: the compiled step's rest is what compiling shrank
                 parts[key] = parts[eager]
-        row = {"model": label, "threads": t, "tokens": n, "agree": agree, "gguf": gguf.name, "mb": mb,
-               "isa": cpu.isa(), "parts": parts, **tps}
+        row = {"model": label, "threads": t, "tokens": n, "reps": reps, "agree": agree, "gguf": gguf.name, "mb": mb,
+               "isa": cpu.isa(), "parts": parts, "per_rep": per_rep, **tps}
         if twins:
             row["compiled_agree"] = sum(a == b for a, b in zip(first_tokens(twins["xfp_compiled"], ids, 32),
                                                                xfp_tokens))
@@ -362,9 +378,9 @@ def bench_model(name: str, threads: list[int], n: int, reps: int, with_reference
                   f"{p['lm_head_ms']:.1f} ms + rest {step - p['matrices_ms'] - p['lm_head_ms']:.1f} ms", flush=True)
         print(f"decode {label} {t}t: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in tps.items()) +
               "".join(f", llama.cpp {k} {v:.1f} tok/s" for k, v in llama_tps.items()) +
-              f"; xfp/fp32 {tps['xfp'] / tps['fp32']:.2f}x, xfp/bf16 {tps['xfp'] / tps['bf16']:.2f}x, "
-              f"xfp_emb/fp32 {tps['xfp_emb'] / tps['fp32']:.2f}x; "
-              + (f"compiled xfp/fp32 {tps['xfp_compiled'] / tps['fp32_compiled']:.2f}x; " if twins else "") +
+              f"; xfp/fp32 {ratio(row, 'xfp', 'fp32'):.2f}x, xfp/bf16 {ratio(row, 'xfp', 'bf16'):.2f}x, "
+              f"xfp_emb/fp32 {ratio(row, 'xfp_emb', 'fp32'):.2f}x; "
+              + (f"compiled xfp/fp32 {ratio(row, 'xfp_compiled', 'fp32_compiled'):.2f}x; " if twins else "") +
               f"weights/step MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in mb.items()) +
               f"; first 32 greedy tokens equal to fp32: {agree}/32", flush=True)
     return rows
@@ -375,8 +391,10 @@ def markdown(rows: list[dict]) -> str:
     has_ref = any("xfp_reference" in r for r in rows)
     lines = ["## End-to-end greedy decode, batch 1 (benchmarks/decode_speed.py)", "",
              "transformers `generate`, greedy, KV cache, exactly N tokens (end-of-sequence forbidden by `NoEos`); "
-             "decode tokens/s excludes the prompt's prefill (best of "
-             "the repetitions, interleaved). "
+             "decode tokens/s excludes the prompt's prefill. The variants take turns within each of "
+             f"{rows[0]['reps'] if rows else '-'} repetitions; tokens/s is each one's median over them, and every "
+             "'A vs B' is the median over the repetitions of A's tokens/s over B's in the same repetition (this "
+             "machine's speed drifts by up to 2x within minutes: a paired ratio compares runs seconds apart). "
              "XFP = the default `QuantConfig()` folder of the model's GGUF, float32 activations. "
              "'weights MB/step' = bytes of weights each step multiplies with (XFP matrices as stored; in the "
              "default XFP folder, whose embeddings are not quantized, the tied lm_head is the embedding as "
@@ -391,8 +409,8 @@ def markdown(rows: list[dict]) -> str:
              + "---|---:|"]
     for r in rows:
         cells = [r["model"], str(r["threads"]), f"{r['xfp']:.1f}", f"{r['xfp_emb']:.1f}", f"{r['fp32']:.1f}",
-                 f"{r['bf16']:.1f}", f"**{r['xfp'] / r['fp32']:.2f}x**", f"**{r['xfp_emb'] / r['fp32']:.2f}x**",
-                 f"{r['xfp'] / r['bf16']:.2f}x"]
+                 f"{r['bf16']:.1f}", f"**{ratio(r, 'xfp', 'fp32'):.2f}x**", f"**{ratio(r, 'xfp_emb', 'fp32'):.2f}x**",
+                 f"{ratio(r, 'xfp', 'bf16'):.2f}x"]
         if has_ref:
             cells.append(f"{r['xfp_reference']:.2f}" if "xfp_reference" in r else "-")
         cells += [" / ".join(f"{r['mb'][k] / 1e6:.0f}" for k in ("xfp", "xfp_emb", "fp32", "bf16")), str(r["agree"])]
@@ -408,8 +426,8 @@ def markdown(rows: list[dict]) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in compiled:
             lines.append(f"| {r['model']} | {r['threads']} | {r['xfp_compiled']:.1f} | {r['fp32_compiled']:.1f} | "
-                         f"**{r['xfp_compiled'] / r['fp32_compiled']:.2f}x** | {r['xfp_compiled'] / r['fp32']:.2f}x | "
-                         f"{r['xfp_compiled'] / r['xfp']:.2f}x | {r['fp32_compiled'] / r['fp32']:.2f}x | "
+                         f"**{ratio(r, 'xfp_compiled', 'fp32_compiled'):.2f}x** | {ratio(r, 'xfp_compiled', 'fp32'):.2f}x | "
+                         f"{ratio(r, 'xfp_compiled', 'xfp'):.2f}x | {ratio(r, 'fp32_compiled', 'fp32'):.2f}x | "
                          f"{r['compiled_agree']} |")
     lines += ["", "Where a decode step's time goes (ms; matrices and lm_head measured apart from the model, on "
               "[1, 1, in] inputs, the variants taking turns, best of 5; rest = step - both: attention, norms, "
@@ -451,8 +469,9 @@ def llama_cpp_markdown(rows: list[dict]) -> list[str]:
         cells += [f"{speeds[k]:.1f}" if k in speeds else "-" for k in labels]
         for k in labels:
             if k != "own":
-                cells += [f"**{r['xfp'] / speeds[k]:.2f}x**" if k in speeds else "-",
-                          f"**{best / speeds[k]:.2f}x**" if k in speeds and best is not None else "-"]
+                cells += [f"**{ratio(r, 'xfp', LLAMA_PREFIX + k):.2f}x**" if k in speeds else "-",
+                          f"**{ratio(r, 'xfp_compiled', LLAMA_PREFIX + k):.2f}x**" if k in speeds and best is not None
+                          else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     quality = {r["model"]: r["llama_cpp_quality"] for r in rows if r.get("llama_cpp_quality")}
     if quality:
@@ -474,7 +493,7 @@ def main(argv: list[str] | None = None, *, as_markdown: bool = False) -> str | N
     ap.add_argument("--models", nargs="+", choices=MODELS, default=["default"])
     ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}))
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-reference", action="store_true", help="skip the XFP reference-kernel column")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled XFP and float32 columns")
     ap.add_argument("--quick", action="store_true", help="32 tokens, 2 repetitions")
