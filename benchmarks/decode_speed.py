@@ -457,7 +457,9 @@ def llama_cpp_markdown(rows: list[dict]) -> list[str]:
              "forbidden by a logit bias) at the same thread count, interleaved with the runs above. 'own' = the "
              "model's published GGUF, which is XFP's source (KL 0 by definition); Q4_K_M / Q3_K_M = llama.cpp's "
              "own quantizer on that source's float32 weights, no imatrix, token embedding and output kept F16 "
-             "like the default XFP folder (`benchmarks/llamacpp_quality.py`).", "",
+             "like the default XFP folder (`benchmarks/llamacpp_quality.py`). The default folder's KL is far "
+             "worse than Q4_K_M's; the race at equal KL, XFP's strict floor raised until it gets there, is "
+             "docs/EQUAL_KL_RACE.md (`benchmarks/matched_kl.py`).", "",
              "| model | threads | XFP tok/s | XFP+emb tok/s | XFP compiled tok/s | "
              + " | ".join(f"llama.cpp {k} tok/s" for k in labels) + " | "
              + " | ".join(f"XFP / {k} | XFP compiled / {k}" for k in labels if k != "own") + " |",
