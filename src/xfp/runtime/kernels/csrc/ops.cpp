@@ -94,7 +94,7 @@ at::Tensor run(const Armed& a, const at::Tensor& x, const at::Tensor* bias) {
   const int rc = a.mode == 1
                      ? xfp_v2a_gemv(int(a.isa), &a.v2a, x.data_ptr<float>(), m, a.cols, y.data_ptr<float>(), a.rows)
                      : xfp_v2_gemv(int(a.isa), &a.v2, x.data_ptr<float>(), m, a.cols, y.data_ptr<float>(), a.rows);
-  TORCH_CHECK(rc == 0, "xfp::fused_linear: the gemv refused its arguments (", a.rows, "x", a.cols, ")");
+  TORCH_CHECK(rc == 0, "xfp: the armed gemv refused its arguments (", a.rows, "x", a.cols, ")");
   if (bias && bias->defined()) y.add_(*bias);
   return y;
 }
