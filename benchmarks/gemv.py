@@ -407,9 +407,9 @@ NOTES = """## How the kernel works, and why this route
   module's buffer dict (scratch measurement with empty kernels). So eager calls now take
   `cpu.fast_linear` (`csrc/python.cpp`, the same checks through `csrc/armed.h`), which declines (None) for
   tensor subclasses, wrapped inputs and active torch function or dispatch modes, leaving those to the
-  operator. Scratch A/B (one model in one process, the shortcut switched on and off between generate
-  calls, 8 interleaved pairs): +5% tokens/s at two threads (every pair +2 to +10%); at one thread the
-  machine's drift in that run (pairs from -36% to +56%) hid the effect.
+  operator. Scratch A/Bs (one model in one process, the shortcut switched on and off between generate
+  calls, interleaved pairs): at two threads +5% and +4.4% (medians of 8 and 14 pairs); at one thread +5.9%
+  (14 pairs), while in an 8-pair run the machine's drift (pairs from -36% to +56%) hid the effect.
 - The decode loop asks for exactly N tokens with a one-line logits processor that forbids end-of-sequence;
   transformers' `min_new_tokens` does the same by building and searching a vocabulary-sized mask every
   step, about 1 ms per step on SmolLM2's 49k vocabulary (torch.profiler, scratch run) for every model
