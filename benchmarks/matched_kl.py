@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
            f"out/results/{alias}/{RESULT_FILE} (llama.cpp rows from that file); greedy decode of {args.tokens} "
            f"tokens after decode_speed.py's prompt, runs interleaved over {args.reps} repetitions: tok/s = median, "
            "'X / Q4_K_M' = median of the per-repetition ratios.", ""]
+    print("\n".join(out), flush=True)
     for t in args.threads:
-        out += table(t, quality, kl, race(paths, q4, t, args.tokens, args.reps, not args.no_compile))
-        print("\n".join(out[-(len(kl) + 8):]), flush=True)
-    print("\n".join(out))
+        lines = table(t, quality, kl, race(paths, q4, t, args.tokens, args.reps, not args.no_compile))
+        print("\n".join(lines), flush=True)
+        out += lines
     if args.markdown:
         write_markdown(args.markdown, out, argv)
     return 0

@@ -6,7 +6,7 @@ flags (scalar, AVX2, AVX-512 on x86-64; scalar elsewhere), so a single library s
 choice is made at run time. `api.cpp` includes only `ATen/Parallel.h` from torch, to split rows over
 torch's own threads; `ops.cpp` registers the fused GEMV as a torch operator (torch's library headers), and
 `python.cpp` is its eager shortcut, a CPython function (torch's Python headers: the library links
-libtorch_python, and is built per Python version). The whole build takes ~25 seconds on 2 cores (no ninja).
+libtorch_python, and is built per Python version). The whole build takes ~30 seconds on 2 cores (no ninja).
 
 The library lands in `$XFP_CACHE/kernels/xfp_cpu-<key>/` (`~/.cache/xfp` without `$XFP_CACHE`), where
 `<key>` hashes the sources, the flags, the compiler's version and torch's version: a change to any of them

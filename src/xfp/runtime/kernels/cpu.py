@@ -77,7 +77,6 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
 
-
 def _declines(x, stored, bias, handle) -> None:
     return None
 
@@ -118,7 +117,8 @@ def unavailable_reason() -> str | None:
 def _load() -> ctypes.CDLL:
     from xfp.runtime.kernels.build import library_path
 
-    lib = ctypes.CDLL(str(library_path()))
+    path = str(library_path())  # hashes the sources and asks the compiler its version: once
+    lib = ctypes.CDLL(path)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.xfp_isa_supported.argtypes = [ctypes.c_int]
     lib.xfp_isa_supported.restype = ctypes.c_int
@@ -126,14 +126,14 @@ def _load() -> ctypes.CDLL:
         size = getattr(lib, f"xfp_{mode}_matrix_size")
         size.argtypes, size.restype = [], i64
         if size() != ctypes.sizeof(struct):
-            raise RuntimeError(f"{library_path()} does not match this package's {struct.__name__[1:]} layout")
+            raise RuntimeError(f"{path} does not match this package's {struct.__name__[1:]} layout")
         gemv, decode = getattr(lib, f"xfp_{mode}_gemv"), getattr(lib, f"xfp_{mode}_decode")
         gemv.argtypes, gemv.restype = [ctypes.c_int, p, p, i64, i64, p, i64], ctypes.c_int
         decode.argtypes, decode.restype = [ctypes.c_int, p, i64, i64, p, i64], ctypes.c_int
     lib.xfp_f16_gemv.argtypes, lib.xfp_f16_gemv.restype = [ctypes.c_int, p, i64, i64, p, i64, i64, p, i64], ctypes.c_int
     global fast_linear
     try:
-        entry = ctypes.PyDLL(str(library_path())).xfp_fast_linear_function  # PyDLL: called with the GIL held
+        entry = ctypes.PyDLL(path).xfp_fast_linear_function  # PyDLL: called with the GIL held
     except AttributeError:  # built without python.cpp (logged then): eager calls take xfp::fused_linear
         fast_linear = _declines
     else:
